@@ -1,0 +1,50 @@
+"""implicitfn: hypergradients by implicit differentiation, on torch.func."""
+
+from implicitfn._curvature import AbstractCurvature, CompositeLoss, GaussNewton, Hessian
+from implicitfn._functional import functional_model
+from implicitfn._implicit import hypergradient, implicit_diff
+from implicitfn._linear_solve import CG, AbstractLinearSolver, Dense, FixedPoint, Identity, Neumann
+from implicitfn._operator import AbstractLinearOperator, FunctionLinearOperator, damp
+from implicitfn._optimality import (
+    AbstractOptimalityCondition,
+    cross_vjp,
+    fixed_point,
+    root,
+    stationarity,
+)
+from implicitfn._solution import ImplicitSolveError, ImplicitSolveWarning, SolveInfo
+from implicitfn._tree import tree_axpy, tree_norm, tree_ravel, tree_vdot, tree_zeros_like
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AbstractCurvature",
+    "AbstractLinearOperator",
+    "AbstractLinearSolver",
+    "AbstractOptimalityCondition",
+    "CG",
+    "CompositeLoss",
+    "Dense",
+    "FixedPoint",
+    "FunctionLinearOperator",
+    "GaussNewton",
+    "Hessian",
+    "Identity",
+    "ImplicitSolveError",
+    "ImplicitSolveWarning",
+    "Neumann",
+    "SolveInfo",
+    "cross_vjp",
+    "damp",
+    "fixed_point",
+    "functional_model",
+    "hypergradient",
+    "implicit_diff",
+    "root",
+    "stationarity",
+    "tree_axpy",
+    "tree_norm",
+    "tree_ravel",
+    "tree_vdot",
+    "tree_zeros_like",
+]

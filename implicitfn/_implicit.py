@@ -1,0 +1,398 @@
+"""implicit_diff and hypergradient: the implicit function theorem behind one autograd boundary.
+
+At an inner solution $w^*$ with $F(w^*, \\lambda) = 0$, $A = \\partial F/\\partial w$ and
+$B = \\partial F/\\partial \\lambda$, reverse mode needs $v = A^{-\\top} \\bar w$ and returns
+$-B^\\top v$; forward mode returns $\\dot w = -A^{-1} B \\dot\\lambda$.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import torch
+import torch.utils._pytree as pytree
+from torch.func import grad
+
+from implicitfn._curvature import AbstractCurvature, Hessian, scalar_loss
+from implicitfn._linear_solve import CG, AbstractLinearSolver
+from implicitfn._operator import damp
+from implicitfn._optimality import (
+    AbstractOptimalityCondition,
+    mixed_product,
+    stationarity,
+)
+from implicitfn._solution import (
+    ImplicitSolveError,
+    ImplicitSolveWarning,
+    SolveInfo,
+    all_finite,
+    concrete,
+)
+from implicitfn._tree import Tree, describe, leaves, same_structure, tree_add, tree_map
+
+__all__ = ["hypergradient", "implicit_diff"]
+
+OnFailure = Literal["raise", "warn"]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Backward:
+    """Everything the backward solve is configured with (checked once, at decoration)."""
+
+    condition: AbstractOptimalityCondition
+    solver: AbstractLinearSolver
+    curvature: AbstractCurvature
+    damping: float
+    on_failure: OnFailure
+    callback: Callable[[SolveInfo], Any] | None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.condition, AbstractOptimalityCondition):
+            raise TypeError(
+                f"condition: expected an optimality condition, got {type(self.condition).__name__}; "
+                "wrap a training loss with implicitfn.stationarity(loss), a map with "
+                "implicitfn.fixed_point(T) or a residual with implicitfn.root(F)."
+            )
+        if not isinstance(self.solver, AbstractLinearSolver):
+            raise TypeError(
+                f"solver: expected an implicitfn linear solver such as implicitfn.CG(), got "
+                f"{type(self.solver).__name__}."
+            )
+        if not isinstance(self.curvature, AbstractCurvature):
+            raise TypeError(
+                f"curvature: expected implicitfn.Hessian() or implicitfn.GaussNewton(), got "
+                f"{type(self.curvature).__name__}."
+            )
+        if isinstance(self.damping, bool) or not isinstance(self.damping, (int, float)):
+            raise TypeError(f"damping: expected a float >= 0, got {type(self.damping).__name__}.")
+        if not self.damping >= 0:
+            raise ValueError(f"damping: must be >= 0 (got {self.damping}); use 0 for none.")
+        if self.on_failure not in ("raise", "warn"):
+            raise ValueError(f"on_failure: expected 'raise' or 'warn', got {self.on_failure!r}.")
+        if self.callback is not None and not callable(self.callback):
+            raise TypeError(f"callback: expected a callable(SolveInfo), got {type(self.callback).__name__}.")
+        if self.solver.requires_symmetric and not self.condition.symmetric:
+            raise ValueError(
+                f"solver: {type(self.solver).__name__} needs a symmetric Jacobian, but "
+                f"{type(self.condition).__name__} has a non-symmetric one; use "
+                "implicitfn.FixedPoint(), implicitfn.Dense() or implicitfn.Identity(), or declare "
+                "root(F, symmetric=True) if dF/dw really is symmetric."
+            )
+        self.condition.check_curvature(self.curvature)
+
+    def solve(
+        self, params: Tree, hparams: Tree, args: Sequence[Any], rhs: Tree, *, transpose: bool
+    ) -> Tree:
+        """Solve $A^\\top v = $ `rhs` (or $A v = $ `rhs`), report, and check the outcome."""
+        operator = damp(self.condition.linearize(self.curvature, params, hparams, *args), self.damping)
+        if transpose:
+            operator = operator.transpose()
+        solution, info = self.solver.solve(operator, rhs)
+        self.report(info, solution)
+        return solution
+
+    def report(self, info: SolveInfo, solution: Tree) -> None:
+        if self.callback is not None:
+            self.callback(info.concrete())
+        converged = bool(concrete(info.converged).all())
+        finite = all_finite(solution)
+        if converged and finite:
+            return
+        problem = "produced NaN/Inf" if not finite else "did not converge"
+        message = (
+            f"The implicit backward solve {problem} ({info}). Try more steps, "
+            "damping=..., curvature=implicitfn.GaussNewton() for a non-convex loss, a smaller "
+            "alpha for Neumann/FixedPoint, a tighter inner solve, or rtol=None for a deliberately "
+            "truncated solve; pass on_failure='warn' to continue anyway."
+        )
+        if self.on_failure == "raise" or not finite:
+            raise ImplicitSolveError(message, info.concrete())
+        warnings.warn(message, ImplicitSolveWarning, stacklevel=4)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """How the flat tensors given to the autograd Function map back to user trees."""
+
+    backward: _Backward
+    solution_spec: pytree.TreeSpec
+    inputs_spec: pytree.TreeSpec
+    constants: tuple[Any, ...]  # inputs leaves; None where the leaf is a tensor passed to apply
+    num_solution: int
+
+    def rebuild(self, tensors: Sequence[torch.Tensor]) -> tuple[Tree, Tree, tuple[Any, ...]]:
+        solution = pytree.tree_unflatten(list(tensors[: self.num_solution]), self.solution_spec)
+        remaining = iter(tensors[self.num_solution :])
+        flat = [next(remaining) if c is None else c for c in self.constants]
+        hparams, args = pytree.tree_unflatten(flat, self.inputs_spec)
+        return solution, hparams, args
+
+
+class _ImplicitBoundary(torch.autograd.Function):
+    """Identity on the inner solution; its derivatives come from the implicit function theorem.
+
+    Inputs: (layout, *solution leaves, *tensor leaves of (hparams, args)). The solution is
+    detached, so the inner solver's graph is never kept.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(layout: _Layout, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(t.clone() for t in tensors[: layout.num_solution])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        layout, *tensors = inputs
+        ctx.layout = layout
+        ctx.save_for_backward(*tensors)
+        ctx.save_for_forward(*tensors)
+
+    @staticmethod
+    def backward(ctx, *solution_cotangents: torch.Tensor):
+        layout: _Layout = ctx.layout
+        tensors = ctx.saved_tensors
+        wanted = list(ctx.needs_input_grad[1 + layout.num_solution :])
+        none = (None,) * (1 + len(tensors))
+        if not any(wanted):
+            return none
+        solution, hparams, args = layout.rebuild(tensors)
+        cotangent = pytree.tree_unflatten(list(solution_cotangents), layout.solution_spec)
+        adjoint = layout.backward.solve(solution, hparams, args, cotangent, transpose=True)
+        selected = _select(layout.constants, wanted)
+        negative = tree_map(torch.neg, adjoint)
+        products = mixed_product(
+            layout.backward.condition, solution, hparams, args, selected, cotangent=negative
+        )
+        input_grads = [g for g, c in zip(products, layout.constants, strict=True) if c is None]
+        return (None,) * (1 + layout.num_solution) + tuple(input_grads)
+
+    @staticmethod
+    def jvp(ctx, *tangents: torch.Tensor | None):
+        layout: _Layout = ctx.layout
+        tensors = ctx.saved_tensors
+        input_tangents = list(tangents[1 + layout.num_solution :])
+        solution, hparams, args = layout.rebuild(tensors)
+        present = [t is not None for t in input_tangents]
+        if not any(present):
+            return tuple(torch.zeros_like(t) for t in tensors[: layout.num_solution])
+        full_tangents = _scatter(layout.constants, input_tangents)
+        selected = _select(layout.constants, present)
+        rhs = mixed_product(
+            layout.backward.condition, solution, hparams, args, selected, tangents=full_tangents
+        )
+        direction = layout.backward.solve(
+            solution, hparams, args, tree_map(torch.neg, rhs), transpose=False
+        )
+        return tuple(leaves(direction))
+
+
+def _select(constants: Sequence[Any], flags: Sequence[bool]) -> list[bool]:
+    """Spread flags over the tensor inputs to all leaves of (hparams, args)."""
+    flags_iter = iter(flags)
+    return [bool(next(flags_iter)) if c is None else False for c in constants]
+
+
+def _scatter(constants: Sequence[Any], values: Sequence[Any]) -> list[Any]:
+    values_iter = iter(values)
+    return [next(values_iter) if c is None else None for c in constants]
+
+
+def _check_tree(tree: Any, name: str, allow_empty: bool = False) -> None:
+    if not isinstance(tree, (torch.Tensor, dict)) and not _is_tensordict(tree):
+        raise TypeError(
+            f"{name}: expected a TensorDict, a dict of tensors or a tensor, got "
+            f"{type(tree).__name__}; wrap it, e.g. TensorDict({{'lam': value}}) or {{'lam': value}}."
+        )
+    flat = leaves(tree)
+    if not flat and not allow_empty:
+        raise ValueError(f"{name}: has no tensors; pass at least one.")
+    for leaf in flat:
+        if not isinstance(leaf, torch.Tensor):
+            raise TypeError(f"{name}: leaves must be tensors, got {type(leaf).__name__}.")
+        if not leaf.is_floating_point():
+            raise TypeError(
+                f"{name}: leaves must be floating point, got {leaf.dtype}; convert with .float()."
+            )
+
+
+def _is_tensordict(tree: Any) -> bool:
+    from tensordict import TensorDictBase
+
+    return isinstance(tree, TensorDictBase)
+
+
+def _check_args_finite(args: Sequence[Any]) -> None:
+    for i, arg in enumerate(args):
+        floating = [leaf for leaf in leaves(arg) if isinstance(leaf, torch.Tensor) and leaf.is_floating_point()]
+        if floating and not all_finite(floating):
+            raise ValueError(f"args[{i}]: contains NaN or Inf; clean the data before the inner solve.")
+
+
+def _detached(tree: Any) -> Any:
+    return tree_map(lambda x: x.detach() if isinstance(x, torch.Tensor) else x, tree)
+
+
+def implicit_diff(
+    condition: AbstractOptimalityCondition,
+    *,
+    solver: AbstractLinearSolver = CG(),
+    curvature: AbstractCurvature = Hessian(),
+    damping: float = 0.0,
+    on_failure: OnFailure = "raise",
+    callback: Callable[[SolveInfo], Any] | None = None,
+) -> Callable[[Callable[..., Tree]], Callable[..., Tree]]:
+    r"""Give an inner solver implicit derivatives with respect to its hyperparameters and data.
+
+    The decorated function `inner_solve(params, hparams, *args) -> params*` may be any solver (an
+    SGD loop, L-BFGS, a closed form): it runs on detached inputs and its own autograd graph is
+    not kept. Its result carries derivatives from the implicit function theorem at the returned
+    point: with $A = \partial F/\partial w$ and $B = \partial F/\partial\lambda$ of the
+    optimality condition $F(w^*, \lambda, \ldots) = 0$,
+    $\frac{dw^*}{d\lambda} = -A^{-1}B$. Reverse mode solves $A^\top v = \bar w$ with `solver`,
+    forward mode solves $A\,\dot w = -B\dot\lambda$. Gradients reach `hparams` and every
+    floating-point tensor in `*args`; none reach the initial `params`.
+
+    It works with `.backward()`, `torch.autograd.grad`, `torch.func.grad`, `vjp`, `jacrev`,
+    `jvp`, `jacfwd` and `vmap` over batches of problems.
+
+    **Arguments:**
+
+    - `condition`: the optimality condition, e.g. [`stationarity`][implicitfn.stationarity]`(loss)`,
+      [`fixed_point`][implicitfn.fixed_point]`(T)` or [`root`][implicitfn.root]`(F)`; it takes
+      the same `(params, hparams, *args)` as the inner solver.
+    - `solver`: the linear solver for the backward pass (default [`CG`][implicitfn.CG]`()`).
+    - `curvature`: [`Hessian`][implicitfn.Hessian]`()` (exact; default) or
+      [`GaussNewton`][implicitfn.GaussNewton]`()`.
+    - `damping`: $\mu \ge 0$; solve with $A + \mu I$.
+    - `on_failure`: `"raise"` (default) raises [`ImplicitSolveError`][implicitfn.ImplicitSolveError]
+      when the solve does not converge; `"warn"` warns and returns the approximate gradient.
+      NaN/Inf always raises.
+    - `callback`: called with the [`SolveInfo`][implicitfn.SolveInfo] of every backward or
+      forward solve (under `vmap`, its fields have the batch dimension).
+
+    **Returns:** a decorator.
+
+    ```python
+    >>> import torch, implicitfn
+    >>> def train_loss(params, hparams, x, y):
+    ...     residual = x @ params["w"] - y
+    ...     return 0.5 * (residual ** 2).sum() + 0.5 * (hparams["decay"] * params["w"] ** 2).sum()
+    >>> @implicitfn.implicit_diff(implicitfn.stationarity(train_loss), solver=implicitfn.CG())
+    ... def ridge(params, hparams, x, y):            # closed form; any solver works
+    ...     matrix = x.T @ x + torch.diag(hparams["decay"])
+    ...     return {"w": torch.linalg.solve(matrix, x.T @ y)}
+    >>> x, y = torch.randn(20, 3, dtype=torch.float64), torch.randn(20, dtype=torch.float64)
+    >>> hparams = {"decay": torch.ones(3, dtype=torch.float64, requires_grad=True)}
+    >>> w = ridge({"w": torch.zeros(3, dtype=torch.float64)}, hparams, x, y)
+    >>> (w["w"] ** 2).sum().backward()
+    >>> hparams["decay"].grad.shape
+    torch.Size([3])
+    ```
+    """
+    backward = _Backward(condition, solver, curvature, damping, on_failure, callback)
+
+    def decorator(inner_solve: Callable[..., Tree]) -> Callable[..., Tree]:
+        if not callable(inner_solve):
+            raise TypeError(f"implicit_diff decorates a function, got {type(inner_solve).__name__}.")
+
+        @functools.wraps(inner_solve)
+        def solve_with_implicit_derivatives(params: Tree, hparams: Tree, *args: Any) -> Tree:
+            _check_tree(params, "params")
+            _check_tree(hparams, "hparams", allow_empty=True)
+            _check_args_finite(args)
+            solution = inner_solve(_detached(params), _detached(hparams), *_detached(args))
+            if not same_structure(solution, params) or isinstance(solution, torch.Tensor) != isinstance(params, torch.Tensor):
+                raise ValueError(
+                    f"{inner_solve.__name__} returned {describe(solution)}, but params is "
+                    f"{describe(params)}; the inner solver must return parameters with the same "
+                    "keys and shapes as it was given."
+                )
+            _check_tree(solution, f"the value returned by {inner_solve.__name__}")
+            if not all_finite(solution):
+                raise ValueError(
+                    f"{inner_solve.__name__} returned NaN/Inf parameters; the inner solve diverged "
+                    "(lower its learning rate or check the data)."
+                )
+            return attach(backward, solution, hparams, args)
+
+        return solve_with_implicit_derivatives
+
+    return decorator
+
+
+def attach(backward: _Backward, solution: Tree, hparams: Tree, args: Sequence[Any]) -> Tree:
+    """Route `solution` through the autograd boundary so it depends on `hparams` and `args`."""
+    solution_leaves, solution_spec = pytree.tree_flatten(_detached(solution))
+    input_leaves, inputs_spec = pytree.tree_flatten((hparams, tuple(args)))
+    constants = tuple(None if isinstance(x, torch.Tensor) else x for x in input_leaves)
+    tensors = [x for x in input_leaves if isinstance(x, torch.Tensor)]
+    layout = _Layout(backward, solution_spec, inputs_spec, constants, len(solution_leaves))
+    outputs = _ImplicitBoundary.apply(layout, *solution_leaves, *tensors)
+    return pytree.tree_unflatten(list(outputs), solution_spec)
+
+
+def hypergradient(
+    inner: AbstractOptimalityCondition | Callable[..., torch.Tensor],
+    outer_loss: Callable[..., torch.Tensor],
+    params: Tree,
+    hparams: Tree,
+    *,
+    inner_args: Sequence[Any] = (),
+    outer_args: Sequence[Any] = (),
+    solver: AbstractLinearSolver = CG(),
+    curvature: AbstractCurvature = Hessian(),
+    damping: float = 0.0,
+    on_failure: OnFailure = "raise",
+) -> tuple[Tree, SolveInfo]:
+    r"""The hypergradient $\frac{dL_V}{d\lambda} = \frac{\partial L_V}{\partial\lambda} - B^\top v$, $A^\top v = \frac{\partial L_V}{\partial w}$, in one call.
+
+    For people who do not want a decorator: give the inner solution and both losses.
+
+    **Arguments:**
+
+    - `inner`: the training loss `(params, hparams, *inner_args) -> scalar` (its stationarity
+      is the condition) or any [`AbstractOptimalityCondition`][implicitfn.AbstractOptimalityCondition].
+    - `outer_loss`: the validation objective `(params, hparams, *outer_args) -> scalar`.
+    - `params`: the inner solution $w^*$.
+    - `hparams`: the hyperparameters $\lambda$ (TensorDict, dict or tensor).
+    - `inner_args`, `outer_args`: the extra arguments (e.g. training and validation batches).
+    - `solver`, `curvature`, `damping`, `on_failure`: as in [`implicit_diff`][implicitfn.implicit_diff].
+
+    **Returns:** `(hypergradient, info)`: a tree with the structure of `hparams` and the
+    [`SolveInfo`][implicitfn.SolveInfo] of the backward solve.
+
+    ```python
+    >>> import torch, implicitfn
+    >>> inner = lambda w, lam: 0.5 * ((w - 1.0) ** 2).sum() + 0.5 * lam * (w ** 2).sum()
+    >>> outer = lambda w, lam: (w ** 2).sum()
+    >>> lam = torch.tensor(1.0, dtype=torch.float64)
+    >>> w_star = torch.full((2,), 0.5, dtype=torch.float64)   # argmin: 1 / (1 + lam)
+    >>> g, info = implicitfn.hypergradient(inner, outer, w_star, lam)
+    >>> round(float(g), 6), bool(info.converged)                # d/dlam 2/(1+lam)^2 = -0.5
+    (-0.5, True)
+    ```
+    """
+    condition = inner if isinstance(inner, AbstractOptimalityCondition) else stationarity(inner)
+    infos: list[SolveInfo] = []
+    backward = _Backward(condition, solver, curvature, damping, on_failure, infos.append)
+    _check_tree(params, "params")
+    _check_tree(hparams, "hparams")
+    if not callable(outer_loss):
+        raise TypeError(f"outer_loss: expected a callable, got {type(outer_loss).__name__}.")
+    _check_args_finite(tuple(inner_args))
+    direct_w, direct_h = grad(scalar_loss(outer_loss, "outer_loss"), argnums=(0, 1))(
+        params, hparams, *outer_args
+    )
+    adjoint = backward.solve(params, hparams, tuple(inner_args), direct_w, transpose=True)
+    flat, spec = pytree.tree_flatten((hparams, tuple(inner_args)))
+    selected = [i < len(leaves(hparams)) for i in range(len(flat))]
+    products = mixed_product(
+        condition, params, hparams, tuple(inner_args), selected, cotangent=tree_map(torch.neg, adjoint)
+    )
+    implicit, _ = pytree.tree_unflatten(products, spec)
+    return tree_add(direct_h, implicit), infos[-1]

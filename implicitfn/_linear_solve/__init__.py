@@ -1,0 +1,10 @@
+"""Linear solvers: one file per method, all on the interface of `_base`."""
+
+from implicitfn._linear_solve._base import AbstractLinearSolver
+from implicitfn._linear_solve._cg import CG
+from implicitfn._linear_solve._dense import Dense
+from implicitfn._linear_solve._fixed_point import FixedPoint
+from implicitfn._linear_solve._identity import Identity
+from implicitfn._linear_solve._neumann import Neumann
+
+__all__ = ["AbstractLinearSolver", "CG", "Dense", "FixedPoint", "Identity", "Neumann"]

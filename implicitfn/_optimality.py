@@ -1,0 +1,262 @@
+"""Optimality conditions F(w, λ, *args) = 0 that define the inner solution w*(λ)."""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+from torch.func import grad, jvp, vjp
+
+from implicitfn._curvature import (
+    AbstractCurvature,
+    CompositeLoss,
+    GaussNewton,
+    jacobian_operator,
+    scalar_loss,
+)
+from implicitfn._operator import AbstractLinearOperator
+from implicitfn._tree import Tree, tree_sub
+
+__all__ = [
+    "AbstractOptimalityCondition",
+    "cross_vjp",
+    "fixed_point",
+    "root",
+    "stationarity",
+]
+
+
+class AbstractOptimalityCondition(abc.ABC):
+    r"""An optimality condition $F(w, \lambda, \ldots) = 0$ whose root is the inner solution.
+
+    Implement [`residual`][implicitfn.AbstractOptimalityCondition.residual] (same structure as
+    the parameters) and set `symmetric` when $\partial F/\partial w$ is symmetric. Override
+    [`linearize`][implicitfn.AbstractOptimalityCondition.linearize] to offer cheaper or
+    approximate Jacobians.
+
+    ```python
+    >>> import torch, implicitfn
+    >>> condition = implicitfn.root(lambda w, h: w - h)     # w*(h) = h
+    >>> condition.residual(torch.ones(2), torch.ones(2))
+    tensor([0., 0.])
+    ```
+    """
+
+    symmetric: bool = False
+
+    @abc.abstractmethod
+    def residual(self, params: Tree, hparams: Tree, *args: Any) -> Tree:
+        """$F(w, \\lambda, \\ldots)$, a tree with the structure of `params`."""
+
+    def linearize(
+        self, curvature: AbstractCurvature, params: Tree, hparams: Tree, *args: Any
+    ) -> AbstractLinearOperator:
+        r"""$A = \partial F / \partial w$ at the point, as an operator, using `curvature`."""
+        self.check_curvature(curvature)
+        mode = getattr(curvature, "mode", "reverse-over-reverse")
+
+        def of_params(w: Tree) -> Tree:
+            return self.residual(w, hparams, *args)
+
+        return jacobian_operator(of_params, params, symmetric=self.symmetric, mode=mode)
+
+    def check_curvature(self, curvature: AbstractCurvature) -> None:
+        """Raise before any computing when `curvature` cannot serve this condition."""
+        if isinstance(curvature, GaussNewton):
+            raise TypeError(
+                f"curvature: GaussNewton applies to stationarity(CompositeLoss(...)) only, not "
+                f"to {type(self).__name__}; use curvature=implicitfn.Hessian() (the exact Jacobian)."
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class Stationarity(AbstractOptimalityCondition):
+    r"""$F = \nabla_w L(w, \lambda, \ldots)$; made by [`stationarity`][implicitfn.stationarity]."""
+
+    loss: Callable[..., torch.Tensor]
+    symmetric = True
+
+    def residual(self, params, hparams, *args):
+        return grad(scalar_loss(self.loss, "loss"))(params, hparams, *args)
+
+    def linearize(self, curvature, params, hparams, *args):
+        return curvature.linearize(self.loss, params, hparams, *args)
+
+    def check_curvature(self, curvature):
+        if isinstance(curvature, GaussNewton):
+            if not isinstance(self.loss, CompositeLoss):
+                raise TypeError(
+                    f"curvature: GaussNewton needs stationarity(implicitfn.CompositeLoss(predict=..., "
+                    f"output_loss=..., penalty=...)), got a loss of type {type(self.loss).__name__}; "
+                    "state the split or use curvature=implicitfn.Hessian()."
+                )
+
+
+@dataclasses.dataclass(frozen=True)
+class FixedPointCondition(AbstractOptimalityCondition):
+    r"""$F = w - T(w, \lambda, \ldots)$; made by [`fixed_point`][implicitfn.fixed_point]."""
+
+    mapping: Callable[..., Tree]
+
+    def residual(self, params, hparams, *args):
+        return tree_sub(params, self.mapping(params, hparams, *args))
+
+
+@dataclasses.dataclass(frozen=True)
+class RootCondition(AbstractOptimalityCondition):
+    r"""A user-written $F$; made by [`root`][implicitfn.root]."""
+
+    function: Callable[..., Tree]
+    symmetric: bool = False
+
+    def residual(self, params, hparams, *args):
+        return self.function(params, hparams, *args)
+
+
+def _check_callable(fn: Any, name: str, what: str) -> None:
+    if not callable(fn):
+        raise TypeError(f"{name}: expected a callable {what}, got {type(fn).__name__}.")
+
+
+def stationarity(loss: Callable[..., torch.Tensor]) -> AbstractOptimalityCondition:
+    r"""The inner solution is a stationary point of `loss`: $F = \nabla_w L(w, \lambda, \ldots) = 0$.
+
+    $\partial F/\partial w$ is the Hessian of the loss (symmetric), so every solver applies,
+    and [`GaussNewton`][implicitfn.GaussNewton] applies when `loss` is a
+    [`CompositeLoss`][implicitfn.CompositeLoss].
+
+    **Arguments:**
+
+    - `loss`: `(params, hparams, *args) -> scalar tensor`, the training loss including any
+      regulariser that depends on the hyperparameters.
+
+    **Returns:** an [`AbstractOptimalityCondition`][implicitfn.AbstractOptimalityCondition].
+
+    ```python
+    >>> import torch, implicitfn
+    >>> condition = implicitfn.stationarity(lambda w, h: ((w - h) ** 2).sum())
+    >>> condition.residual(torch.zeros(2), torch.ones(2))
+    tensor([-2., -2.])
+    ```
+    """
+    _check_callable(loss, "loss", "(params, hparams, *args) -> scalar")
+    return Stationarity(loss)
+
+
+def fixed_point(mapping: Callable[..., Tree]) -> AbstractOptimalityCondition:
+    r"""The inner solution is a fixed point $w = T(w, \lambda, \ldots)$, i.e. $F = w - T = 0$.
+
+    $\partial F/\partial w = I - \partial T/\partial w$ is not symmetric, so
+    [`CG`][implicitfn.CG] is refused; use [`FixedPoint`][implicitfn.FixedPoint] (with
+    $\alpha = 1$ it is the classical adjoint fixed-point iteration, convergent when $T$ is a
+    contraction) or [`Dense`][implicitfn.Dense].
+
+    **Arguments:**
+
+    - `mapping`: $T$, `(params, hparams, *args) -> params`.
+
+    ```python
+    >>> import torch, implicitfn
+    >>> condition = implicitfn.fixed_point(lambda w, h: 0.5 * w + h)   # w* = 2h
+    >>> condition.residual(torch.tensor([2.0]), torch.tensor([1.0]))
+    tensor([0.])
+    ```
+    """
+    _check_callable(mapping, "mapping", "T(params, hparams, *args) -> params")
+    return FixedPointCondition(mapping)
+
+
+def root(function: Callable[..., Tree], *, symmetric: bool = False) -> AbstractOptimalityCondition:
+    r"""A user-written optimality condition $F(w, \lambda, \ldots) = 0$.
+
+    **Arguments:**
+
+    - `function`: $F$, `(params, hparams, *args) -> tree with the structure of params`.
+    - `symmetric`: declare $\partial F/\partial w$ symmetric (then [`CG`][implicitfn.CG] is
+      allowed). Leave `False` unless it is true: CG on a non-symmetric operator returns wrong
+      answers.
+
+    ```python
+    >>> import torch, implicitfn
+    >>> condition = implicitfn.root(lambda w, h, x: x * w - h, symmetric=True)
+    >>> condition.residual(torch.ones(2), torch.ones(2), torch.tensor(3.0))
+    tensor([2., 2.])
+    ```
+    """
+    _check_callable(function, "function", "F(params, hparams, *args) -> params-shaped tree")
+    if not isinstance(symmetric, bool):
+        raise TypeError(f"symmetric: expected a bool, got {type(symmetric).__name__}.")
+    return RootCondition(function, symmetric)
+
+
+def mixed_product(
+    condition: AbstractOptimalityCondition,
+    params: Tree,
+    hparams: Tree,
+    args: Sequence[Any],
+    selected: Sequence[bool],
+    *,
+    cotangent: Tree | None = None,
+    tangents: Sequence[torch.Tensor | None] | None = None,
+) -> Any:
+    r"""Products with $B = \partial F/\partial(\lambda, \mathrm{args})$ over selected leaves.
+
+    The leaves are those of `pytree.tree_flatten((hparams, tuple(args)))`; `selected` marks the
+    ones to differentiate. With `cotangent` $u$ it returns the list $B^\top u$ (None where not
+    selected); with `tangents` it returns the tree $B\,\dot\lambda$.
+    """
+    flat, spec = pytree.tree_flatten((hparams, tuple(args)))
+    positions = [i for i, chosen in enumerate(selected) if chosen]
+
+    def of_selected(*chosen: torch.Tensor) -> Tree:
+        full = list(flat)
+        for i, value in zip(positions, chosen, strict=True):
+            full[i] = value
+        h, a = pytree.tree_unflatten(full, spec)
+        return condition.residual(params, h, *a)
+
+    primals = tuple(flat[i] for i in positions)
+    if cotangent is not None:
+        _, pullback = vjp(of_selected, *primals)
+        result: list[torch.Tensor | None] = [None] * len(flat)
+        for i, value in zip(positions, pullback(cotangent), strict=True):
+            result[i] = value
+        return result
+    assert tangents is not None
+    return jvp(of_selected, primals, tuple(tangents[i] for i in positions))[1]
+
+
+def cross_vjp(
+    condition: AbstractOptimalityCondition, cotangent: Tree, params: Tree, hparams: Tree, *args: Any
+) -> tuple[Tree, tuple[Any, ...]]:
+    r"""The mixed product $B^\top u$ with $B = \partial F/\partial(\lambda, \mathrm{args})$.
+
+    For [`stationarity`][implicitfn.stationarity] this is
+    $\nabla^2_{\lambda w} L\, u$, the cross term of the implicit hypergradient
+    $\frac{dL_V}{d\lambda} = \frac{\partial L_V}{\partial\lambda} - B^\top v$.
+
+    **Arguments:**
+
+    - `condition`: an [`AbstractOptimalityCondition`][implicitfn.AbstractOptimalityCondition].
+    - `cotangent`: $u$, a tree with the structure of `params`.
+    - `params`, `hparams`, `*args`: the point.
+
+    **Returns:** `(hparams_cotangent, args_cotangents)`; the latter is a tuple with one entry per
+    argument, `None` for arguments that are not floating-point tensors.
+
+    ```python
+    >>> import torch, implicitfn
+    >>> condition = implicitfn.stationarity(lambda w, h: 0.5 * (h * w ** 2).sum())
+    >>> implicitfn.cross_vjp(condition, torch.ones(2), torch.tensor([1.0, 2.0]), torch.ones(2))
+    (tensor([1., 2.]), ())
+    ```
+    """
+    flat, spec = pytree.tree_flatten((hparams, tuple(args)))
+    selected = [isinstance(leaf, torch.Tensor) and leaf.is_floating_point() for leaf in flat]
+    result = mixed_product(condition, params, hparams, args, selected, cotangent=cotangent)
+    hparams_bar, args_bar = pytree.tree_unflatten(result, spec)
+    return hparams_bar, tuple(args_bar)

@@ -1,0 +1,128 @@
+"""What a solve reports, the errors it raises, and the one place that reads tensor values.
+
+Reading a tensor's value in Python (`bool(t)`) is impossible under `torch.func.vmap`; the
+helpers at the bottom unwrap functorch's wrappers so that convergence and finiteness checks
+still see real values there (rule 7 of the design notes keeps such reads out of solver steps).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from implicitfn._tree import leaves
+
+__all__ = ["ImplicitSolveError", "ImplicitSolveWarning", "SolveInfo"]
+
+
+@dataclasses.dataclass(frozen=True)
+class SolveInfo:
+    r"""What a linear solve reports about itself.
+
+    Under `torch.func.vmap` each field carries the batch dimension (one entry per solve).
+
+    **Fields:**
+
+    - `residual_norm`: $\lVert b - A x\rVert_2$ of the returned solution (CG: the recursive
+      residual; Neumann: the exact residual of the truncated series).
+    - `rhs_norm`: $\lVert b\rVert_2$, so `residual_norm / rhs_norm` is the relative residual.
+    - `num_steps`: operator products spent on iterations (not counting a final residual).
+    - `converged`: the solve met its tolerance. For a fixed-step solve (`rtol=None`), it means
+      the steps ran without breakdown and left a finite residual smaller than $\lVert b\rVert$.
+    - `solver`: the name of the solver that produced it.
+
+    ```python
+    >>> import torch, implicitfn
+    >>> op = implicitfn.FunctionLinearOperator(lambda v: 2 * v, torch.zeros(3),
+    ...                                       tags={"symmetric", "positive_semidefinite"})
+    >>> x, info = implicitfn.CG().solve(op, torch.ones(3))
+    >>> bool(info.converged), int(info.num_steps)
+    (True, 1)
+    ```
+    """
+
+    residual_norm: torch.Tensor
+    rhs_norm: torch.Tensor
+    num_steps: torch.Tensor
+    converged: torch.Tensor
+    solver: str = ""
+
+    @property
+    def relative_residual(self) -> torch.Tensor:
+        """`residual_norm / rhs_norm` (0 when the right-hand side is 0)."""
+        return self.residual_norm / torch.clamp(self.rhs_norm, min=torch.finfo(self.rhs_norm.dtype).tiny)
+
+    def concrete(self) -> SolveInfo:
+        """A copy with plain, detached tensors, safe to keep after a transform has finished."""
+        return SolveInfo(
+            residual_norm=concrete(self.residual_norm),
+            rhs_norm=concrete(self.rhs_norm),
+            num_steps=concrete(self.num_steps),
+            converged=concrete(self.converged),
+            solver=self.solver,
+        )
+
+    def __str__(self) -> str:
+        info = self.concrete()
+        return (
+            f"{info.solver}: converged={info.converged.tolist()}, steps={info.num_steps.tolist()}, "
+            f"residual={info.residual_norm.tolist()}, |b|={info.rhs_norm.tolist()}"
+        )
+
+
+class ImplicitSolveError(RuntimeError):
+    """The backward linear solve did not converge or produced NaN/Inf.
+
+    The `info` attribute holds the [`SolveInfo`][implicitfn.SolveInfo]. Pass
+    `on_failure="warn"` to [`implicit_diff`][implicitfn.implicit_diff] to get an
+    [`ImplicitSolveWarning`][implicitfn.ImplicitSolveWarning] instead.
+
+    ```python
+    >>> import implicitfn
+    >>> issubclass(implicitfn.ImplicitSolveError, RuntimeError)
+    True
+    ```
+    """
+
+    def __init__(self, message: str, info: SolveInfo | None = None):
+        super().__init__(message)
+        self.info = info
+
+
+class ImplicitSolveWarning(RuntimeWarning):
+    """Warning issued instead of [`ImplicitSolveError`][implicitfn.ImplicitSolveError] when
+    `on_failure="warn"`.
+
+    ```python
+    >>> import implicitfn
+    >>> issubclass(implicitfn.ImplicitSolveWarning, RuntimeWarning)
+    True
+    ```
+    """
+
+
+def under_transform() -> bool:
+    """True inside a `torch.func` transform (vmap, grad, jvp, ...)."""
+    return torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def concrete(tensor: torch.Tensor) -> torch.Tensor:
+    """The plain tensor under any functorch wrappers (batch dims become real dims), detached.
+
+    Private functorch API, used only to *read* values for checks and reports.
+    """
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(tensor):
+        if functorch.is_batchedtensor(tensor):
+            bdim = functorch.maybe_get_bdim(tensor)
+            tensor = functorch.get_unwrapped(tensor).movedim(bdim, 0)
+        else:
+            tensor = functorch.get_unwrapped(tensor)
+    return tensor.detach()
+
+
+def all_finite(tree: Any) -> bool:
+    """Whether every leaf of `tree` is free of NaN and Inf (works under transforms)."""
+    return all(bool(torch.isfinite(concrete(leaf)).all()) for leaf in leaves(tree))

@@ -3,7 +3,19 @@
 from implicitfn._curvature import AbstractCurvature, CompositeLoss, GaussNewton, Hessian
 from implicitfn._functional import functional_model
 from implicitfn._implicit import hypergradient, implicit_diff
-from implicitfn._linear_solve import CG, AbstractLinearSolver, Dense, FixedPoint, Identity, Neumann
+from implicitfn._linear_solve import (
+    CG,
+    GMRES,
+    MINRES,
+    AbstractLinearSolver,
+    Dense,
+    FixedPoint,
+    Identity,
+    Neumann,
+    Nystrom,
+    ResamplingOperator,
+    StochasticNeumann,
+)
 from implicitfn._operator import AbstractLinearOperator, FunctionLinearOperator, damp
 from implicitfn._optimality import (
     AbstractOptimalityCondition,
@@ -14,6 +26,10 @@ from implicitfn._optimality import (
 )
 from implicitfn._solution import ImplicitSolveError, ImplicitSolveWarning, SolveInfo
 from implicitfn._tree import tree_axpy, tree_norm, tree_ravel, tree_vdot, tree_zeros_like
+
+# isort: split
+# The hyperopt subpackage is built on the names above, so it is imported after them.
+from implicitfn import hyperopt
 
 __version__ = "0.1.0"
 
@@ -27,17 +43,23 @@ __all__ = [
     "Dense",
     "FixedPoint",
     "FunctionLinearOperator",
+    "GMRES",
     "GaussNewton",
     "Hessian",
     "Identity",
     "ImplicitSolveError",
     "ImplicitSolveWarning",
+    "MINRES",
     "Neumann",
+    "Nystrom",
+    "ResamplingOperator",
     "SolveInfo",
+    "StochasticNeumann",
     "cross_vjp",
     "damp",
     "fixed_point",
     "functional_model",
+    "hyperopt",
     "hypergradient",
     "implicit_diff",
     "root",

@@ -190,7 +190,9 @@ class GaussNewton(AbstractCurvature):
             return loss.predict(w, hparams, *args)
 
         outputs, predict_vjp = vjp(predict, params)
-        output_grad = grad(scalar_loss(lambda out: loss.output_loss(out, hparams, *args), "output_loss"))
+        output_grad = grad(
+            scalar_loss(lambda out: loss.output_loss(out, hparams, *args), "output_loss")
+        )
         penalty_hessian = None
         if loss.penalty is not None:
             penalty = scalar_loss(loss.penalty, "penalty")

@@ -74,7 +74,9 @@ class _Backward:
         if self.on_failure not in ("raise", "warn"):
             raise ValueError(f"on_failure: expected 'raise' or 'warn', got {self.on_failure!r}.")
         if self.callback is not None and not callable(self.callback):
-            raise TypeError(f"callback: expected a callable(SolveInfo), got {type(self.callback).__name__}.")
+            raise TypeError(
+                f"callback: expected a callable(SolveInfo), got {type(self.callback).__name__}."
+            )
         if self.solver.requires_symmetric and not self.condition.symmetric:
             raise ValueError(
                 f"solver: {type(self.solver).__name__} needs a symmetric Jacobian, but "
@@ -88,7 +90,9 @@ class _Backward:
         self, params: Tree, hparams: Tree, args: Sequence[Any], rhs: Tree, *, transpose: bool
     ) -> Tree:
         """Solve $A^\\top v = $ `rhs` (or $A v = $ `rhs`), report, and check the outcome."""
-        operator = damp(self.condition.linearize(self.curvature, params, hparams, *args), self.damping)
+        operator = damp(
+            self.condition.linearize(self.curvature, params, hparams, *args), self.damping
+        )
         if transpose:
             operator = operator.transpose()
         solution, info = self.solver.solve(operator, rhs)
@@ -228,9 +232,15 @@ def _is_tensordict(tree: Any) -> bool:
 
 def _check_args_finite(args: Sequence[Any]) -> None:
     for i, arg in enumerate(args):
-        floating = [leaf for leaf in leaves(arg) if isinstance(leaf, torch.Tensor) and leaf.is_floating_point()]
+        floating = [
+            leaf
+            for leaf in leaves(arg)
+            if isinstance(leaf, torch.Tensor) and leaf.is_floating_point()
+        ]
         if floating and not all_finite(floating):
-            raise ValueError(f"args[{i}]: contains NaN or Inf; clean the data before the inner solve.")
+            raise ValueError(
+                f"args[{i}]: contains NaN or Inf; clean the data before the inner solve."
+            )
 
 
 def _detached(tree: Any) -> Any:
@@ -298,7 +308,9 @@ def implicit_diff(
 
     def decorator(inner_solve: Callable[..., Tree]) -> Callable[..., Tree]:
         if not callable(inner_solve):
-            raise TypeError(f"implicit_diff decorates a function, got {type(inner_solve).__name__}.")
+            raise TypeError(
+                f"implicit_diff decorates a function, got {type(inner_solve).__name__}."
+            )
 
         @functools.wraps(inner_solve)
         def solve_with_implicit_derivatives(params: Tree, hparams: Tree, *args: Any) -> Tree:
@@ -306,7 +318,9 @@ def implicit_diff(
             _check_tree(hparams, "hparams", allow_empty=True)
             _check_args_finite(args)
             solution = inner_solve(_detached(params), _detached(hparams), *_detached(args))
-            if not same_structure(solution, params) or isinstance(solution, torch.Tensor) != isinstance(params, torch.Tensor):
+            if not same_structure(solution, params) or isinstance(
+                solution, torch.Tensor
+            ) != isinstance(params, torch.Tensor):
                 raise ValueError(
                     f"{inner_solve.__name__} returned {describe(solution)}, but params is "
                     f"{describe(params)}; the inner solver must return parameters with the same "
@@ -392,7 +406,12 @@ def hypergradient(
     flat, spec = pytree.tree_flatten((hparams, tuple(inner_args)))
     selected = [i < len(leaves(hparams)) for i in range(len(flat))]
     products = mixed_product(
-        condition, params, hparams, tuple(inner_args), selected, cotangent=tree_map(torch.neg, adjoint)
+        condition,
+        params,
+        hparams,
+        tuple(inner_args),
+        selected,
+        cotangent=tree_map(torch.neg, adjoint),
     )
     implicit, _ = pytree.tree_unflatten(products, spec)
     return tree_add(direct_h, implicit), infos[-1]

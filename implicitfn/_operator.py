@@ -110,7 +110,9 @@ class FunctionLinearOperator(AbstractLinearOperator):
 
     def __post_init__(self) -> None:
         if not callable(self.matvec):
-            raise TypeError(f"matvec: expected a callable v -> A v, got {type(self.matvec).__name__}.")
+            raise TypeError(
+                f"matvec: expected a callable v -> A v, got {type(self.matvec).__name__}."
+            )
         object.__setattr__(self, "tags", _check_tags(self.tags))
 
     def mv(self, vector: Tree) -> Tree:

@@ -11,6 +11,7 @@ import dataclasses
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 
 from implicitfn._tree import leaves
 
@@ -52,7 +53,9 @@ class SolveInfo:
     @property
     def relative_residual(self) -> torch.Tensor:
         """`residual_norm / rhs_norm` (0 when the right-hand side is 0)."""
-        return self.residual_norm / torch.clamp(self.rhs_norm, min=torch.finfo(self.rhs_norm.dtype).tiny)
+        return self.residual_norm / torch.clamp(
+            self.rhs_norm, min=torch.finfo(self.rhs_norm.dtype).tiny
+        )
 
     def concrete(self) -> SolveInfo:
         """A copy with plain, detached tensors, safe to keep after a transform has finished."""
@@ -70,6 +73,18 @@ class SolveInfo:
             f"{info.solver}: converged={info.converged.tolist()}, steps={info.num_steps.tolist()}, "
             f"residual={info.residual_norm.tolist()}, |b|={info.rhs_norm.tolist()}"
         )
+
+
+# A pytree, so that solves can return it from inside torch.func.vmap.
+pytree.register_pytree_node(
+    SolveInfo,
+    lambda info: (
+        [info.residual_norm, info.rhs_norm, info.num_steps, info.converged],
+        info.solver,
+    ),
+    lambda values, solver: SolveInfo(*values, solver=solver),
+    serialized_type_name="implicitfn.SolveInfo",
+)
 
 
 class ImplicitSolveError(RuntimeError):

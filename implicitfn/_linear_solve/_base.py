@@ -85,7 +85,9 @@ def check_vector(vector: Tree, template: Tree, name: str) -> None:
         )
     bad = [leaf.dtype for leaf in flat if not leaf.is_floating_point()]
     if bad:
-        raise TypeError(f"{name}: leaves must be floating point, got {bad[0]}; convert with .float().")
+        raise TypeError(
+            f"{name}: leaves must be floating point, got {bad[0]}; convert with .float()."
+        )
     if not all_finite(vector):
         raise ValueError(f"{name}: contains NaN or Inf; the right-hand side must be finite.")
 
@@ -112,6 +114,11 @@ def tolerance(rhs_norm: torch.Tensor, rtol: float | None, atol: float) -> torch.
     return torch.clamp(relative * rhs_norm, min=atol)
 
 
+def reduces_residual(residual: torch.Tensor, rhs_norm: torch.Tensor) -> torch.Tensor:
+    """`converged` of a solve without a tolerance: a finite residual below $\\lVert b\\rVert$ (or 0)."""
+    return torch.isfinite(residual) & ((residual < rhs_norm) | (residual == 0))
+
+
 def iterate(
     step: Callable[[State], State],
     done: Callable[[State], torch.Tensor],
@@ -134,4 +141,3 @@ def iterate(
         finished = done(state)
         state = tree_where(finished, state, step(state))
     return state
-

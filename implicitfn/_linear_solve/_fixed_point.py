@@ -9,8 +9,10 @@ from implicitfn._linear_solve._base import (
     check_positive_int,
     check_tolerance,
     iterate,
+    reduces_residual,
     tolerance,
 )
+from implicitfn._linear_solve._estimates import StepSize, check_step_size, step_size
 from implicitfn._solution import SolveInfo
 from implicitfn._tree import tree_axpy, tree_norm, tree_sub, tree_zeros_like
 
@@ -29,10 +31,15 @@ class FixedPoint(AbstractLinearSolver):
     **Arguments:**
 
     - `max_steps`: the most iterations (one operator product each).
-    - `alpha`: the step $\alpha > 0$.
+    - `alpha`: the step $\alpha > 0$, or `"auto"`: $\alpha = 1/\hat\mu$ with $\hat\mu$ a
+      power-iteration estimate of the largest eigenvalue magnitude of $A$, from `power_steps`
+      products counted in `num_steps`. Safe for symmetric positive definite $A$; for a
+      non-symmetric $A$ it is a heuristic (with complex eigenvalues near the imaginary axis no
+      $\alpha$ converges), and a divergence is reported as `converged=False`.
     - `rtol`, `atol`: stop when $\lVert b - Ax\rVert \le \max(\mathrm{atol}, \mathrm{rtol}\lVert b\rVert)$;
       `rtol=None` runs exactly `max_steps` and counts as converged when the residual is finite
       and below $\lVert b\rVert$.
+    - `power_steps`: the power-iteration products for `alpha="auto"` (ignored otherwise).
 
     ```python
     >>> import torch, implicitfn
@@ -46,30 +53,31 @@ class FixedPoint(AbstractLinearSolver):
     """
 
     max_steps: int = 100
-    alpha: float = 1.0
+    alpha: StepSize = 1.0
     rtol: float | None = 1e-5
     atol: float = 0.0
+    power_steps: int = 10
 
     def __post_init__(self) -> None:
         check_positive_int(self.max_steps, "max_steps")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
-            raise ValueError(f"alpha: expected a float > 0, got {self.alpha!r}.")
+        check_step_size(self.alpha, self.power_steps)
         check_tolerance(self.rtol, "rtol", allow_none=True)
         check_tolerance(self.atol, "atol")
 
     def _solve(self, operator, vector, initial):
+        alpha, estimate_products = step_size(self.alpha, operator, self.power_steps)
         if initial is None:
             x, r = tree_zeros_like(vector), vector
         else:
             x, r = initial, tree_sub(vector, operator.mv(initial))
         rhs_norm = tree_norm(vector)
         tol = tolerance(rhs_norm, self.rtol, self.atol)
-        zero = torch.zeros((), dtype=torch.int64, device=rhs_norm.device)
-        state = (x, r, tree_norm(r), zero)
+        start = torch.tensor(estimate_products, dtype=torch.int64, device=rhs_norm.device)
+        state = (x, r, tree_norm(r), start)
 
         def step(state):
             x, r, _, steps = state
-            x = tree_axpy(self.alpha, r, x)
+            x = tree_axpy(alpha, r, x)
             r = tree_sub(vector, operator.mv(x))
             return x, r, tree_norm(r), steps + 1
 
@@ -80,7 +88,7 @@ class FixedPoint(AbstractLinearSolver):
         x, _, residual, steps = iterate(step, done, state, self.max_steps)
         finite = torch.isfinite(residual)
         if self.rtol is None:
-            converged = finite & (residual < rhs_norm)
+            converged = reduces_residual(residual, rhs_norm)
         else:
             converged = finite & (residual <= tol)
         return x, SolveInfo(residual, rhs_norm, steps, converged, "FixedPoint")

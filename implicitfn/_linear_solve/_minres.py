@@ -1,0 +1,135 @@
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from implicitfn._linear_solve._base import (
+    AbstractLinearSolver,
+    check_positive_int,
+    check_tolerance,
+    iterate,
+    tolerance,
+)
+from implicitfn._solution import SolveInfo
+from implicitfn._tree import tree_axpy, tree_norm, tree_scale, tree_sub, tree_vdot, tree_zeros_like
+
+
+def _safe(value: torch.Tensor) -> torch.Tensor:
+    """`value` where it is non-zero, else 1: a divisor that never makes NaN."""
+    return torch.where(value == 0, torch.ones_like(value), value)
+
+
+@dataclasses.dataclass(frozen=True)
+class MINRES(AbstractLinearSolver):
+    r"""MINRES (Paige & Saunders, 1975) for symmetric operators, definite or not.
+
+    Minimises $\lVert b - A x\rVert_2$ over the Krylov subspace
+    $x_0 + \mathrm{span}\{r_0, A r_0, \ldots, A^{k-1} r_0\}$ with the Lanczos three-term
+    recurrence, so each step costs one product and the memory is a few vectors, as in
+    [`CG`][implicitfn.CG]. Unlike CG it needs no definiteness: it is the Krylov method for the
+    exact Hessian of a non-convex loss (a saddle or an inexact minimum), where CG meets negative
+    curvature and stops. The residual norm never increases from one step to the next. On a
+    singular, inconsistent system it returns the least-squares direction it reached and reports
+    `converged=False`.
+
+    **Arguments:**
+
+    - `max_steps`: the most iterations (one operator product each).
+    - `rtol`, `atol`: stop when $\lVert b - Ax\rVert \le \max(\mathrm{atol}, \mathrm{rtol}\lVert b\rVert)$,
+      measured by the recursive residual of the method. `rtol=None` runs exactly `max_steps`
+      and counts as converged unless it broke down or produced NaN/Inf.
+
+    ```python
+    >>> import torch, implicitfn
+    >>> M = torch.diag(torch.tensor([2.0, -1.0, 3.0]))        # symmetric, indefinite
+    >>> op = implicitfn.FunctionLinearOperator(lambda v: M @ v, torch.zeros(3), tags={"symmetric"})
+    >>> bool(implicitfn.CG().solve(op, torch.ones(3))[1].converged)
+    False
+    >>> x, info = implicitfn.MINRES().solve(op, torch.ones(3))
+    >>> x, bool(info.converged), int(info.num_steps)
+    (tensor([ 0.5000, -1.0000,  0.3333]), True, 3)
+    ```
+    """
+
+    max_steps: int = 100
+    rtol: float | None = 1e-5
+    atol: float = 0.0
+    requires_symmetric = True
+
+    def __post_init__(self) -> None:
+        check_positive_int(self.max_steps, "max_steps")
+        check_tolerance(self.rtol, "rtol", allow_none=True)
+        check_tolerance(self.atol, "atol")
+
+    def _solve(self, operator, vector, initial):
+        if initial is None:
+            x, r = tree_zeros_like(vector), vector
+        else:
+            x, r = initial, tree_sub(vector, operator.mv(initial))
+        rhs_norm = tree_norm(vector)
+        tol = tolerance(rhs_norm, self.rtol, self.atol)
+        beta_1 = tree_norm(r)
+        one, zero = torch.ones_like(beta_1), torch.zeros_like(beta_1)
+        zeros = tree_zeros_like(vector)
+        # Lanczos: (previous vector, current vector, off-diagonal beta_k coupling them; 0 at
+        # the start). QR of the tridiagonal matrix: the last two Givens rotations (c, s) and the
+        # last two update directions w. eta: the rotated right-hand side, |eta| the residual.
+        state = (
+            x,
+            zeros,
+            tree_scale(1.0 / _safe(beta_1), r),
+            zero,
+            zeros,
+            zeros,
+            (one, zero),
+            (one, zero),
+            beta_1,
+            torch.zeros((), dtype=torch.int64, device=beta_1.device),
+            torch.zeros_like(beta_1, dtype=torch.bool),
+        )
+
+        def step(state):
+            x, v_prev, v, beta, w_prev, w_prev2, rot_prev, rot_prev2, eta, steps, broke = state
+            av = operator.mv(v)
+            alpha = tree_vdot(v, av)
+            p = tree_axpy(-beta, v_prev, tree_axpy(-alpha, v, av))
+            beta_next = tree_norm(p)
+            v_next = tree_scale(1.0 / _safe(beta_next), p)  # zero after a happy breakdown
+            # Apply the two previous rotations to the new column (beta, alpha, beta_next).
+            (c_prev, s_prev), (c_prev2, s_prev2) = rot_prev, rot_prev2
+            epsilon = s_prev2 * beta
+            delta_bar = c_prev2 * beta
+            delta = c_prev * delta_bar + s_prev * alpha
+            gamma_bar = -s_prev * delta_bar + c_prev * alpha
+            # A new rotation annihilates beta_next.
+            gamma = torch.hypot(gamma_bar, beta_next)
+            singular = gamma == 0
+            c = torch.where(singular, one, gamma_bar / _safe(gamma))
+            s = torch.where(singular, zero, beta_next / _safe(gamma))
+            direction = tree_axpy(-delta, w_prev, tree_axpy(-epsilon, w_prev2, v))
+            w = tree_scale(1.0 / _safe(gamma), direction)
+            x = tree_axpy(torch.where(singular, zero, c * eta), w, x)
+            return (
+                x,
+                v,
+                v_next,
+                beta_next,
+                w,
+                w_prev,
+                (c, s),
+                rot_prev,
+                -s * eta,
+                steps + 1,
+                broke | singular,
+            )
+
+        def done(state):
+            eta, broke = state[8], state[10]
+            return broke | (eta.abs() <= tol) | ~torch.isfinite(eta)
+
+        x, *_, eta, steps, broke = iterate(step, done, state, self.max_steps)
+        residual = eta.abs()
+        healthy = ~broke & torch.isfinite(residual)
+        converged = healthy if self.rtol is None else healthy & (residual <= tol)
+        return x, SolveInfo(residual, rhs_norm, steps, converged, "MINRES")

@@ -1,0 +1,146 @@
+"""Misuse is refused before any solve; numerical failure is raised or warned, never returned."""
+
+import warnings
+
+import pytest
+import torch
+from problems import ridge_inner
+from tensordict import TensorDict
+
+import implicitfn
+from implicitfn.testing import ridge_loss, ridge_solution
+
+X = torch.randn(10, 3, dtype=torch.float64)
+Y = torch.randn(10, dtype=torch.float64)
+PARAMS = TensorDict({"w": torch.zeros(3, dtype=torch.float64)})
+HPARAMS = TensorDict({"penalty": torch.ones(3, dtype=torch.float64)})
+
+
+def test_wrong_returned_structure():
+    @implicitfn.implicit_diff(implicitfn.stationarity(ridge_loss))
+    def inner(params, hparams, x, y):
+        return TensorDict({"weights": ridge_solution(hparams["penalty"], x, y)})
+
+    with pytest.raises(ValueError, match="same\\s+keys and shapes"):
+        inner(PARAMS, HPARAMS, X, Y)
+
+    @implicitfn.implicit_diff(implicitfn.stationarity(ridge_loss))
+    def wrong_shape(params, hparams, x, y):
+        return TensorDict({"w": torch.zeros(4, dtype=torch.float64)})
+
+    with pytest.raises(ValueError, match="same\\s+keys and shapes"):
+        wrong_shape(PARAMS, HPARAMS, X, Y)
+
+
+def test_non_scalar_loss():
+    @implicitfn.implicit_diff(implicitfn.stationarity(lambda p, h, x, y: (x @ p["w"] - y) ** 2))
+    def inner(params, hparams, x, y):
+        return params
+
+    penalty = HPARAMS["penalty"].clone().requires_grad_()
+    w = inner(PARAMS, TensorDict({"penalty": penalty}), X, Y)
+    with pytest.raises(ValueError, match="loss: must return a scalar"):
+        w["w"].sum().backward()
+
+
+@pytest.mark.parametrize("hparams", [[1.0, 2.0], 3.0, "lam"])
+def test_hparams_of_the_wrong_type(hparams):
+    with pytest.raises(TypeError, match="hparams: expected a TensorDict"):
+        ridge_inner(implicitfn.CG())(PARAMS, hparams, X, Y)
+
+
+def test_integer_hparams():
+    with pytest.raises(TypeError, match="hparams: leaves must be floating point"):
+        ridge_inner(implicitfn.CG())(PARAMS, {"penalty": torch.ones(3, dtype=torch.int64)}, X, Y)
+
+
+def test_nan_in_the_data():
+    bad = X.clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"args\[0\]: contains NaN"):
+        ridge_inner(implicitfn.CG())(PARAMS, HPARAMS, bad, Y)
+
+
+def test_symmetric_only_solver_on_fixed_point_condition():
+    with pytest.raises(ValueError, match="CG needs a symmetric"):
+        implicitfn.implicit_diff(
+            implicitfn.fixed_point(lambda w, h: 0.5 * w + h), solver=implicitfn.CG()
+        )
+
+
+def test_gauss_newton_without_composite_loss():
+    with pytest.raises(TypeError, match="CompositeLoss"):
+        implicitfn.implicit_diff(
+            implicitfn.stationarity(ridge_loss), curvature=implicitfn.GaussNewton()
+        )
+    with pytest.raises(TypeError, match="GaussNewton applies to stationarity"):
+        implicitfn.implicit_diff(
+            implicitfn.fixed_point(lambda w, h: w),
+            solver=implicitfn.FixedPoint(),
+            curvature=implicitfn.GaussNewton(),
+        )
+
+
+def test_bad_decorator_options():
+    condition = implicitfn.stationarity(ridge_loss)
+    with pytest.raises(TypeError, match="condition: expected an optimality condition"):
+        implicitfn.implicit_diff(ridge_loss)
+    with pytest.raises(TypeError, match="solver: expected"):
+        implicitfn.implicit_diff(condition, solver="cg")
+    with pytest.raises(ValueError, match="on_failure"):
+        implicitfn.implicit_diff(condition, on_failure="ignore")
+    with pytest.raises(ValueError, match="damping"):
+        implicitfn.implicit_diff(condition, damping=-1.0)
+
+
+def test_non_convergence_raises_by_default_and_warns_on_request():
+    x = torch.randn(50, 30, dtype=torch.float64) * torch.logspace(-2, 1, 30, dtype=torch.float64)
+    y = torch.randn(50, dtype=torch.float64)
+    params = TensorDict({"w": torch.zeros(30, dtype=torch.float64)})
+    penalty = torch.full((30,), 1e-3, dtype=torch.float64, requires_grad=True)
+    hparams = TensorDict({"penalty": penalty})
+    solver = implicitfn.CG(max_steps=2, rtol=1e-10)
+    w = ridge_inner(solver)(params, hparams, x, y)
+    with pytest.raises(implicitfn.ImplicitSolveError, match="did not converge") as caught:
+        w["w"].sum().backward()
+    assert not bool(caught.value.info.converged)
+    assert penalty.grad is None
+    w = ridge_inner(solver, on_failure="warn")(params, hparams, x, y)
+    with pytest.warns(implicitfn.ImplicitSolveWarning):
+        w["w"].sum().backward()
+    assert penalty.grad is not None
+
+
+def test_non_convergence_under_vmap_still_raises():
+    x = torch.randn(2, 50, 30, dtype=torch.float64) * torch.logspace(-2, 1, 30, dtype=torch.float64)
+    y = torch.randn(2, 50, dtype=torch.float64)
+    inner = ridge_inner(implicitfn.CG(max_steps=2, rtol=1e-10))
+
+    def size(p, x, y):
+        return inner(
+            TensorDict({"w": torch.zeros(30, dtype=torch.float64)}),
+            TensorDict({"penalty": p}),
+            x,
+            y,
+        )["w"].sum()
+
+    with pytest.raises(implicitfn.ImplicitSolveError):
+        torch.func.vmap(torch.func.grad(size))(torch.full((2, 30), 1e-3, dtype=torch.float64), x, y)
+
+
+def test_nan_is_never_returned_even_with_warn():
+    def train_loss(params, hparams, x, y):
+        return ridge_loss(params, hparams, x, y) * hparams["scale"]
+
+    @implicitfn.implicit_diff(
+        implicitfn.stationarity(train_loss), solver=implicitfn.Dense(), on_failure="warn"
+    )
+    def inner(params, hparams, x, y):
+        return TensorDict({"w": ridge_solution(hparams["penalty"], x, y)})
+
+    scale = torch.tensor(float("inf"), dtype=torch.float64, requires_grad=True)
+    w = inner(PARAMS, TensorDict({"penalty": HPARAMS["penalty"], "scale": scale}), X, Y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises((implicitfn.ImplicitSolveError, ValueError)):
+            w["w"].sum().backward()

@@ -321,14 +321,15 @@ def main(argv=None) -> dict:
         if step % args.eval_every == 0 or step == args.meta_steps:
             history["step"].append(step)
             history["test_acc"].append(problem.accuracy(hparams.detach(), test_tasks))
-            history["lam"].append(float(hparams["log_lam"].exp()))
+            history["lam"].append(float(hparams["log_lam"].detach().exp()))
         cg = problem.cg_infos[-1]  # batched SolveInfo: one entry per task
         bar.set_postfix(
             train_acc=f"{float(train_acc):.2f}",
             test_acc=f"{history['test_acc'][-1]:.3f}",
-            lam=f"{float(hparams['log_lam'].exp()):.2f}",
+            lam=f"{history['lam'][-1]:.2f}",
             cg_steps=int(cg.num_steps.max()),
             inner_grad=f"{float(inner_grad):.0e}",
+            refresh=False,
         )
     after = history["test_acc"][-1]
     elapsed = time.perf_counter() - started

@@ -1,6 +1,7 @@
 """implicitfn: hypergradients by implicit differentiation, on torch.func."""
 
 from implicitfn._curvature import AbstractCurvature, CompositeLoss, GaussNewton, Hessian
+from implicitfn._distributed import all_reduce_gradients
 from implicitfn._functional import functional_model
 from implicitfn._implicit import hypergradient, implicit_diff
 from implicitfn._linear_solve import (
@@ -26,6 +27,7 @@ from implicitfn._optimality import (
 )
 from implicitfn._solution import ImplicitSolveError, ImplicitSolveWarning, SolveInfo
 from implicitfn._tree import tree_axpy, tree_norm, tree_ravel, tree_vdot, tree_zeros_like
+from implicitfn._unrolled import unrolled_hypergradient
 
 # isort: split
 # The hyperopt subpackage is built on the names above, so it is imported after them.
@@ -55,6 +57,7 @@ __all__ = [
     "ResamplingOperator",
     "SolveInfo",
     "StochasticNeumann",
+    "all_reduce_gradients",
     "cross_vjp",
     "damp",
     "fixed_point",
@@ -69,4 +72,5 @@ __all__ = [
     "tree_ravel",
     "tree_vdot",
     "tree_zeros_like",
+    "unrolled_hypergradient",
 ]

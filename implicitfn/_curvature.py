@@ -230,10 +230,11 @@ def jacobian_operator(
     if mode == "forward-over-reverse":
         transpose = None if symmetric else _transpose_product(fn, params)
         return FunctionLinearOperator(forward_product, params, transpose, tags)
-    transpose = _transpose_product(fn, params)
     if symmetric:
-        return FunctionLinearOperator(transpose, params, None, tags)
-    return FunctionLinearOperator(forward_product, params, transpose, tags)
+        # Linearise now: the work is done once, and a bad loss fails here, not mid-solve.
+        _, pullback = vjp(fn, params)
+        return FunctionLinearOperator(lambda u: pullback(u)[0], params, None, tags)
+    return FunctionLinearOperator(forward_product, params, _transpose_product(fn, params), tags)
 
 
 def _transpose_product(fn: Callable[[Tree], Tree], params: Tree) -> Callable[[Tree], Tree]:

@@ -17,12 +17,14 @@ import torch
 import torch.utils._pytree as pytree
 from torch.func import grad
 
-from implicitfn._curvature import AbstractCurvature, Hessian, scalar_loss
-from implicitfn._linear_solve import CG, AbstractLinearSolver
-from implicitfn._operator import damp
+from implicitfn._curvature import AbstractCurvature, GaussNewton, Hessian, scalar_loss
+from implicitfn._distributed import DataParallel, data_parallel
+from implicitfn._linear_solve import CG, AbstractLinearSolver, ResamplingOperator
+from implicitfn._operator import AbstractLinearOperator, damp
 from implicitfn._optimality import (
     AbstractOptimalityCondition,
     mixed_product,
+    on_leaves,
     stationarity,
 )
 from implicitfn._solution import (
@@ -49,6 +51,8 @@ class _Backward:
     damping: float
     on_failure: OnFailure
     callback: Callable[[SolveInfo], Any] | None
+    memory: _WarmStart | None = dataclasses.field(default=None, compare=False, repr=False)
+    distributed: DataParallel | None = None  # average over ranks (data sharded across them)
 
     def __post_init__(self) -> None:
         if not isinstance(self.condition, AbstractOptimalityCondition):
@@ -90,14 +94,29 @@ class _Backward:
         self, params: Tree, hparams: Tree, args: Sequence[Any], rhs: Tree, *, transpose: bool
     ) -> Tree:
         """Solve $A^\\top v = $ `rhs` (or $A v = $ `rhs`), report, and check the outcome."""
-        operator = damp(
-            self.condition.linearize(self.curvature, params, hparams, *args), self.damping
-        )
-        if transpose:
-            operator = operator.transpose()
-        solution, info = self.solver.solve(operator, rhs)
+        if self.distributed is not None:  # then every vector a solver sees is the same on all ranks
+            rhs = self.distributed.mean(rhs)
+        condition, spec = self.condition, None
+        flat = on_leaves(condition, pytree.tree_structure(params))
+        if flat is not None and isinstance(self.curvature, (Hessian, GaussNewton)):
+            condition, spec = flat, pytree.tree_structure(params)
+            params, rhs = leaves(params), leaves(rhs)
+
+        def linearize(*batch: Any) -> AbstractLinearOperator:
+            operator = condition.linearize(self.curvature, params, hparams, *batch)
+            if self.distributed is not None:  # each product averaged over ranks
+                operator = self.distributed.operator(operator)
+            operator = damp(operator, self.damping)
+            return operator.transpose() if transpose else operator
+
+        # The operator on other data is offered to every solver; StochasticNeumann uses it.
+        operator = ResamplingOperator(linearize(*args), linearize)
+        initial = None if self.memory is None else self.memory.initial(transpose, rhs)
+        solution, info = self.solver.solve(operator, rhs, initial)
         self.report(info, solution)
-        return solution
+        if self.memory is not None:
+            self.memory.remember(transpose, solution, info)
+        return solution if spec is None else pytree.tree_unflatten(solution, spec)
 
     def report(self, info: SolveInfo, solution: Tree) -> None:
         if self.callback is not None:
@@ -109,13 +128,44 @@ class _Backward:
         problem = "produced NaN/Inf" if not finite else "did not converge"
         message = (
             f"The implicit backward solve {problem} ({info}). Try more steps, "
-            "damping=..., curvature=implicitfn.GaussNewton() for a non-convex loss, a smaller "
-            "alpha for Neumann/FixedPoint, a tighter inner solve, or rtol=None for a deliberately "
+            "damping=..., curvature=implicitfn.GaussNewton() for a non-convex loss, alpha='auto' "
+            "or a smaller alpha for Neumann/FixedPoint, implicitfn.MINRES() for an indefinite "
+            "Hessian, a tighter inner solve, or rtol=None for a deliberately "
             "truncated solve; pass on_failure='warn' to continue anyway."
         )
         if self.on_failure == "raise" or not finite:
             raise ImplicitSolveError(message, info.concrete())
         warnings.warn(message, ImplicitSolveWarning, stacklevel=4)
+
+
+class _WarmStart:
+    """The last converged solution of each system (reverse and forward) of one decorated function.
+
+    With `warm_start=True` it is the next solve's `initial`. A solution with a vmap batch
+    dimension is not kept (it belongs to that batch, not to the next call), and a right-hand side
+    with one does not use it.
+    """
+
+    def __init__(self) -> None:
+        self._last: dict[bool, Tree] = {}
+
+    def initial(self, transpose: bool, rhs: Tree) -> Tree | None:
+        last = self._last.get(transpose)
+        if last is None or not _unbatched(rhs) or not same_structure(last, rhs):
+            return None
+        pairs = zip(leaves(last), leaves(rhs), strict=True)
+        if any(a.dtype != b.dtype or a.device != b.device for a, b in pairs):
+            return None
+        return last
+
+    def remember(self, transpose: bool, solution: Tree, info: SolveInfo) -> None:
+        if _unbatched(solution) and bool(concrete(info.converged).all()):
+            self._last[transpose] = tree_map(lambda t: concrete(t).clone(), solution)
+
+
+def _unbatched(tree: Tree) -> bool:
+    """No leaf carries a hidden vmap batch dimension."""
+    return all(concrete(leaf).shape == leaf.shape for leaf in leaves(tree))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,6 +222,8 @@ class _ImplicitBoundary(torch.autograd.Function):
         products = mixed_product(
             layout.backward.condition, solution, hparams, args, selected, cotangent=negative
         )
+        if layout.backward.distributed is not None:
+            products = layout.backward.distributed.input_gradients(products, len(leaves(hparams)))
         input_grads = [g for g, c in zip(products, layout.constants, strict=True) if c is None]
         return (None,) * (1 + layout.num_solution) + tuple(input_grads)
 
@@ -255,6 +307,8 @@ def implicit_diff(
     damping: float = 0.0,
     on_failure: OnFailure = "raise",
     callback: Callable[[SolveInfo], Any] | None = None,
+    warm_start: bool = False,
+    distributed: bool | torch.distributed.ProcessGroup = False,
 ) -> Callable[[Callable[..., Tree]], Callable[..., Tree]]:
     r"""Give an inner solver implicit derivatives with respect to its hyperparameters and data.
 
@@ -284,6 +338,19 @@ def implicit_diff(
       NaN/Inf always raises.
     - `callback`: called with the [`SolveInfo`][implicitfn.SolveInfo] of every backward or
       forward solve (under `vmap`, its fields have the batch dimension).
+    - `warm_start`: start each backward (and each forward) solve from the last converged solution
+      of the same decorated function instead of zero. Across the outer steps of a
+      hyperparameter loop the adjoint changes little, so an iterative solver needs fewer steps
+      (one extra product to form the starting residual); direct solvers ignore it. Solves inside
+      `torch.func.vmap` do not update it.
+    - `distributed`: data parallelism over `torch.distributed`: `False` (default), `True` (the
+      default process group) or a `torch.distributed.ProcessGroup`. With `*args` this rank's
+      shard of the data and the losses the mean over ranks of the local losses, the cotangent,
+      every operator product and the hyperparameters' mixed product are averaged over the
+      ranks (all-reduce), so each rank gets the gradient of one process on all the data; an
+      `*args` tensor gets this rank's block of it. The direct part
+      $\partial L_V/\partial\lambda$ of your own validation loss stays local: average it with
+      [`all_reduce_gradients`][implicitfn.all_reduce_gradients]. See the "Distributed" page.
 
     **Returns:** a decorator.
 
@@ -304,19 +371,33 @@ def implicit_diff(
     torch.Size([3])
     ```
     """
-    backward = _Backward(condition, solver, curvature, damping, on_failure, callback)
+    backward = _Backward(
+        condition,
+        solver,
+        curvature,
+        damping,
+        on_failure,
+        callback,
+        distributed=data_parallel(distributed),
+    )
+    if not isinstance(warm_start, bool):
+        raise TypeError(f"warm_start: expected a bool, got {type(warm_start).__name__}.")
 
     def decorator(inner_solve: Callable[..., Tree]) -> Callable[..., Tree]:
         if not callable(inner_solve):
             raise TypeError(
                 f"implicit_diff decorates a function, got {type(inner_solve).__name__}."
             )
+        # One memory per decorated function.
+        configured = dataclasses.replace(backward, memory=_WarmStart()) if warm_start else backward
 
         @functools.wraps(inner_solve)
         def solve_with_implicit_derivatives(params: Tree, hparams: Tree, *args: Any) -> Tree:
             _check_tree(params, "params")
             _check_tree(hparams, "hparams", allow_empty=True)
             _check_args_finite(args)
+            if configured.distributed is not None:
+                configured.distributed.check()
             solution = inner_solve(_detached(params), _detached(hparams), *_detached(args))
             if not same_structure(solution, params) or isinstance(
                 solution, torch.Tensor
@@ -332,7 +413,7 @@ def implicit_diff(
                     f"{inner_solve.__name__} returned NaN/Inf parameters; the inner solve diverged "
                     "(lower its learning rate or check the data)."
                 )
-            return attach(backward, solution, hparams, args)
+            return attach(configured, solution, hparams, args)
 
         return solve_with_implicit_derivatives
 
@@ -362,6 +443,7 @@ def hypergradient(
     curvature: AbstractCurvature = Hessian(),
     damping: float = 0.0,
     on_failure: OnFailure = "raise",
+    distributed: bool | torch.distributed.ProcessGroup = False,
 ) -> tuple[Tree, SolveInfo]:
     r"""The hypergradient $\frac{dL_V}{d\lambda} = \frac{\partial L_V}{\partial\lambda} - B^\top v$, $A^\top v = \frac{\partial L_V}{\partial w}$, in one call.
 
@@ -376,6 +458,9 @@ def hypergradient(
     - `hparams`: the hyperparameters $\lambda$ (TensorDict, dict or tensor).
     - `inner_args`, `outer_args`: the extra arguments (e.g. training and validation batches).
     - `solver`, `curvature`, `damping`, `on_failure`: as in [`implicit_diff`][implicitfn.implicit_diff].
+    - `distributed`: as in [`implicit_diff`][implicitfn.implicit_diff], with `inner_args` and
+      `outer_args` this rank's shards; the returned hypergradient, direct part included, is
+      the one of all the data, the same on every rank.
 
     **Returns:** `(hypergradient, info)`: a tree with the structure of `hparams` and the
     [`SolveInfo`][implicitfn.SolveInfo] of the backward solve.
@@ -393,12 +478,17 @@ def hypergradient(
     """
     condition = inner if isinstance(inner, AbstractOptimalityCondition) else stationarity(inner)
     infos: list[SolveInfo] = []
-    backward = _Backward(condition, solver, curvature, damping, on_failure, infos.append)
+    reduction = data_parallel(distributed)
+    backward = _Backward(
+        condition, solver, curvature, damping, on_failure, infos.append, distributed=reduction
+    )
     _check_tree(params, "params")
     _check_tree(hparams, "hparams")
     if not callable(outer_loss):
         raise TypeError(f"outer_loss: expected a callable, got {type(outer_loss).__name__}.")
     _check_args_finite(tuple(inner_args))
+    if reduction is not None:
+        reduction.check()
     direct_w, direct_h = grad(scalar_loss(outer_loss, "outer_loss"), argnums=(0, 1))(
         params, hparams, *outer_args
     )
@@ -414,4 +504,6 @@ def hypergradient(
         cotangent=tree_map(torch.neg, adjoint),
     )
     implicit, _ = pytree.tree_unflatten(products, spec)
-    return tree_add(direct_h, implicit), infos[-1]
+    total = tree_add(direct_h, implicit)
+    # Direct and implicit parts averaged over ranks together: one all-reduce.
+    return (total if reduction is None else reduction.mean(total)), infos[-1]

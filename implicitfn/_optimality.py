@@ -193,6 +193,43 @@ def root(function: Callable[..., Tree], *, symmetric: bool = False) -> AbstractO
     return RootCondition(function, symmetric)
 
 
+def on_leaves(
+    condition: AbstractOptimalityCondition, spec: pytree.TreeSpec
+) -> AbstractOptimalityCondition | None:
+    """The same condition with the parameters given as a flat list of tensors, or None.
+
+    Solvers then iterate on plain lists, so that no TensorDict is taken apart or built inside a
+    solver step (measured: most of the time of a small problem's solve). Only the built-in
+    conditions are rewritten; a user subclass may override `linearize`, so it keeps its trees.
+    """
+
+    def tree(flat: list[torch.Tensor]) -> Tree:
+        return pytree.tree_unflatten(flat, spec)
+
+    def flat_output(fn: Callable[..., Tree]) -> Callable[..., list[torch.Tensor]]:
+        return lambda flat, *rest: pytree.tree_leaves(fn(tree(flat), *rest))
+
+    if type(condition) is Stationarity:
+        loss = condition.loss
+        if isinstance(loss, CompositeLoss):
+            penalty = loss.penalty
+            return Stationarity(
+                CompositeLoss(
+                    predict=lambda flat, *rest: loss.predict(tree(flat), *rest),
+                    output_loss=loss.output_loss,
+                    penalty=None
+                    if penalty is None
+                    else lambda flat, *rest: penalty(tree(flat), *rest),
+                )
+            )
+        return Stationarity(lambda flat, *rest: loss(tree(flat), *rest))
+    if type(condition) is FixedPointCondition:
+        return FixedPointCondition(flat_output(condition.mapping))
+    if type(condition) is RootCondition:
+        return RootCondition(flat_output(condition.function), condition.symmetric)
+    return None
+
+
 def mixed_product(
     condition: AbstractOptimalityCondition,
     params: Tree,

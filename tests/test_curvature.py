@@ -103,9 +103,9 @@ def test_gauss_newton_needs_a_composite_loss():
 
 
 @pytest.mark.parametrize("mode", ["reverse-over-reverse", "forward-over-reverse"])
-def test_non_scalar_loss_is_refused_at_the_first_product(mode):
-    operator = implicitfn.Hessian(mode).linearize(lambda p, h: p**2, torch.ones(2), None)
+def test_non_scalar_loss_is_refused_before_any_solve(mode):
     with pytest.raises(ValueError, match="loss: must return a scalar"):
+        operator = implicitfn.Hessian(mode).linearize(lambda p, h: p**2, torch.ones(2), None)
         operator.mv(torch.ones(2))
 
 

@@ -115,7 +115,7 @@ def tolerance(rhs_norm: torch.Tensor, rtol: float | None, atol: float) -> torch.
 
 
 def reduces_residual(residual: torch.Tensor, rhs_norm: torch.Tensor) -> torch.Tensor:
-    """`converged` of a solve without a tolerance: a finite residual below $\\lVert b\\rVert$ (or 0)."""
+    """`converged` of a solve without a tolerance: a finite residual below |b| (or 0 when b = 0)."""
     return torch.isfinite(residual) & ((residual < rhs_norm) | (residual == 0))
 
 

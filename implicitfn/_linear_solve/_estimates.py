@@ -85,10 +85,11 @@ def apply_to_columns(
 
 
 def hutchinson_diagonal(operator: AbstractLinearOperator, probes: int, seed: int) -> torch.Tensor:
-    r"""Estimate $\mathrm{diag}(A) \approx \frac1k\sum_i z_i \odot A z_i$ (Rademacher $z_i$), raveled.
+    r"""Hutchinson's estimate $\mathrm{diag}(A) \approx \frac1k\sum_i z_i \odot A z_i$, raveled.
 
-    Unbiased; exact for a diagonal $A$ whatever $k$; the error of entry $j$ has variance
-    $\frac1k\sum_{l\neq j} A_{jl}^2$. Costs `probes` products in one vmapped call.
+    The $z_i$ have independent random signs. Unbiased, and exact for a diagonal $A$ whatever
+    $k$; the error of entry $j$ has variance $\frac1k\sum_{l\neq j} A_{jl}^2$.
+    Costs `probes` products in one vmapped call.
     """
     matvec, flat, _ = flat_matvec(operator)
     z = random_matrix("rademacher", flat.numel(), probes, seed, flat)

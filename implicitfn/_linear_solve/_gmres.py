@@ -44,9 +44,10 @@ class GMRES(AbstractLinearSolver):
 
     - `max_steps`: the most operator products in all cycles together.
     - `restart`: $m$, the products per cycle (the size of the basis).
-    - `rtol`, `atol`: stop when $\lVert b - Ax\rVert \le \max(\mathrm{atol}, \mathrm{rtol}\lVert b\rVert)$,
-      measured by the recursive residual of the method. `rtol=None` runs exactly `max_steps`
-      and counts as converged unless it broke down or produced NaN/Inf.
+    - `rtol`, `atol`: stop when
+      $\lVert b - Ax\rVert \le \max(\mathrm{atol}, \mathrm{rtol}\lVert b\rVert)$, measured by
+      the recursive residual of the method. `rtol=None` runs exactly `max_steps` and counts as
+      converged unless it broke down or produced NaN/Inf.
 
     ```python
     >>> import torch, implicitfn

@@ -36,9 +36,10 @@ class MINRES(AbstractLinearSolver):
     **Arguments:**
 
     - `max_steps`: the most iterations (one operator product each).
-    - `rtol`, `atol`: stop when $\lVert b - Ax\rVert \le \max(\mathrm{atol}, \mathrm{rtol}\lVert b\rVert)$,
-      measured by the recursive residual of the method. `rtol=None` runs exactly `max_steps`
-      and counts as converged unless it broke down or produced NaN/Inf.
+    - `rtol`, `atol`: stop when
+      $\lVert b - Ax\rVert \le \max(\mathrm{atol}, \mathrm{rtol}\lVert b\rVert)$, measured by
+      the recursive residual of the method. `rtol=None` runs exactly `max_steps` and counts as
+      converged unless it broke down or produced NaN/Inf.
 
     ```python
     >>> import torch, implicitfn

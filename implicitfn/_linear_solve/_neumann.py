@@ -40,8 +40,9 @@ class Neumann(AbstractLinearSolver):
     >>> op = implicitfn.FunctionLinearOperator(lambda v: 0.5 * v, torch.zeros(1), tags={"symmetric"})
     >>> x, info = implicitfn.Neumann(steps=50, alpha=1.0).solve(op, torch.ones(1))
     >>> x, bool(info.converged)
-    (tensor([2.0000]), True)
-    >>> big = implicitfn.FunctionLinearOperator(lambda v: 50 * v, torch.zeros(1), tags={"symmetric"})
+    (tensor([2.]), True)
+    >>> big = implicitfn.FunctionLinearOperator(lambda v: 50 * v, torch.zeros(1),
+    ...                                        tags={"symmetric"})
     >>> bool(implicitfn.Neumann(alpha=1.0).solve(big, torch.ones(1))[1].converged)
     False
     >>> x, info = implicitfn.Neumann(alpha="auto").solve(big, torch.ones(1))

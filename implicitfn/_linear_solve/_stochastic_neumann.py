@@ -131,8 +131,9 @@ class StochasticNeumann(AbstractLinearSolver):
     >>> import torch, implicitfn
     >>> x = torch.randn(64, 3, dtype=torch.float64)
     >>> def curvature_on(rows):
-    ...     return implicitfn.FunctionLinearOperator(lambda v: rows.T @ (rows @ v) / len(rows),
-    ...                                         torch.zeros(3, dtype=rows.dtype), tags={"symmetric"})
+    ...     return implicitfn.FunctionLinearOperator(
+    ...         lambda v: rows.T @ (rows @ v) / len(rows), torch.zeros(3, dtype=rows.dtype),
+    ...         tags={"symmetric"})
     >>> operator = implicitfn.ResamplingOperator(curvature_on(x), curvature_on)
     >>> solver = implicitfn.StochasticNeumann(batches=list(x.split(16)), steps=100)
     >>> v, info = solver.solve(operator, torch.ones(3, dtype=torch.float64))
@@ -194,5 +195,5 @@ class StochasticNeumann(AbstractLinearSolver):
         residual = tree_norm(tree_sub(vector, operator.mv(x)))
         rhs_norm = tree_norm(vector)
         steps = torch.tensor(self.steps + estimate_products, device=residual.device)
-        info = SolveInfo(residual, rhs_norm, steps, reduces_residual(residual, rhs_norm), "StochasticNeumann")
-        return x, info
+        converged = reduces_residual(residual, rhs_norm)
+        return x, SolveInfo(residual, rhs_norm, steps, converged, "StochasticNeumann")

@@ -2,7 +2,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 # Lint only the source folders that exist (examples/ and benchmarks/ may not yet).
-LINT_DIRS := $(wildcard implicitfn tests examples benchmarks)
+LINT_DIRS := $(wildcard implicitfn tests examples benchmarks scripts)
 
 # One OpenMP thread per core we may use: avoids oversubscription on shared machines
 # (measured: 2 threads beat 1 on the 2-core CI machine). Override on the command line.
@@ -12,7 +12,7 @@ PIP_NO_INPUT    ?= 1
 NO_MKDOCS_2_WARNING ?= 1
 export OMP_NUM_THREADS MPLBACKEND PIP_NO_INPUT NO_MKDOCS_2_WARNING
 
-.PHONY: venv demo test lint pytest docs docs-serve examples-fast clean distclean
+.PHONY: venv demo test lint pytest docs docs-serve browser-check examples-fast clean distclean
 
 venv: $(STAMP)
 
@@ -41,6 +41,12 @@ docs: venv
 docs-serve: venv
 	$(VENV)/bin/mkdocs serve
 
+# The built site in a real headless Chromium (Debian's `chromium`, driven by Playwright):
+# formulas typeset, navigation, search, nothing loaded from another host. Screenshots go to
+# site-check/. Skips with a message when Chromium is missing, except under CI=true: then it fails.
+browser-check: docs
+	$(PY) scripts/browser_check.py --site site --out site-check
+
 # Every examples/*.py, in its quick mode; new examples are picked up automatically.
 examples-fast: venv
 	@set -e; for f in examples/*.py; do \
@@ -49,7 +55,7 @@ examples-fast: venv
 	done
 
 clean:
-	rm -rf site build dist .pytest_cache .ruff_cache .hypothesis *.egg-info
+	rm -rf site site-check build dist .pytest_cache .ruff_cache .hypothesis *.egg-info
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +
 
 distclean: clean

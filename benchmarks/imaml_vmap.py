@@ -83,10 +83,13 @@ def sample_tasks(num_tasks, dtype, seed=0):
     by_class = [images[labels == c] for c in range(6)]
     support, query = [], []
     for _ in range(num_tasks):
-        classes = torch.randperm(len(by_class), generator=gen)[:WAYS].tolist()
-        picks = [torch.randperm(len(by_class[c]), generator=gen)[: SHOTS + QUERIES] for c in classes]
-        support.append(torch.cat([by_class[c][p[:SHOTS]] for c, p in zip(classes, picks)]))
-        query.append(torch.cat([by_class[c][p[SHOTS:]] for c, p in zip(classes, picks)]))
+        task_support, task_query = [], []
+        for c in torch.randperm(len(by_class), generator=gen)[:WAYS].tolist():
+            picks = torch.randperm(len(by_class[c]), generator=gen)[: SHOTS + QUERIES]
+            task_support.append(by_class[c][picks[:SHOTS]])
+            task_query.append(by_class[c][picks[SHOTS:]])
+        support.append(torch.cat(task_support))
+        query.append(torch.cat(task_query))
     ys = torch.arange(WAYS).repeat_interleave(SHOTS).expand(num_tasks, -1).contiguous()
     yq = torch.arange(WAYS).repeat_interleave(QUERIES).expand(num_tasks, -1).contiguous()
     return torch.stack(support), ys, torch.stack(query), yq
@@ -236,7 +239,8 @@ def main(argv=None) -> list[dict]:
                 warnings.simplefilter("ignore", FutureWarning)  # torchopt uses functorch.vjp
                 seconds, value = time_method(methods[name], hparams, tasks, args.repeats)
         except Exception as error:  # noqa: BLE001 - report why a method does not run
-            failures[name] = f"{type(error).__name__}: {str(error).splitlines()[0][:100]}"
+            first_line = str(error).strip().splitlines()[0]
+            failures[name] = f"{type(error).__name__}: {first_line[:160]}"
             continue
         rows.append({"tasks": num_tasks, "method": name, "seconds": seconds, "grad": value})
 
@@ -265,8 +269,8 @@ def report(rows, failures) -> None:
 def plot(rows, args) -> None:
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for name in dict.fromkeys(r["method"] for r in rows):
-        points = [(r["tasks"], r["seconds"]) for r in rows if r["method"] == name]
-        ax.loglog(*zip(*points), "o-", label=name)
+        mine = [r for r in rows if r["method"] == name]
+        ax.loglog([r["tasks"] for r in mine], [r["seconds"] for r in mine], "o-", label=name)
     ax.set(xlabel="tasks per meta-gradient (T)", ylabel="seconds per meta-gradient",
            title=f"implicit MAML meta-gradient, {torch.get_num_threads()} thread(s)")
     ax.legend()

@@ -29,7 +29,8 @@ class SolveInfo:
     - `residual_norm`: $\lVert b - A x\rVert_2$ of the returned solution (CG: the recursive
       residual; Neumann: the exact residual of the truncated series).
     - `rhs_norm`: $\lVert b\rVert_2$, so `residual_norm / rhs_norm` is the relative residual.
-    - `num_steps`: operator products spent on iterations (not counting a final residual).
+    - `num_steps`: operator products the solve spent (iterations, plus probes or power-iteration
+      steps where a solver uses them; not a final residual check).
     - `converged`: the solve met its tolerance. For a fixed-step solve (`rtol=None`), it means
       the steps ran without breakdown and left a finite residual smaller than $\lVert b\rVert$.
     - `solver`: the name of the solver that produced it.

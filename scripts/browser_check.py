@@ -9,7 +9,8 @@ downloads):
 2. clicking "Concepts" in the navigation reaches the Concepts page, whose formulas are typeset
    too (after the theme's instant navigation, and again on a fresh load);
 3. typing "Neumann" into the search box lists results that mention it, and the first one opens;
-4. no request leaves 127.0.0.1 (the site works offline: no CDN, no web fonts from elsewhere) and
+4. every page of the site loads with its formulas typeset and no `.katex-error`;
+5. no request leaves 127.0.0.1 (the site works offline: no CDN, no web fonts from elsewhere) and
    no page raises a JavaScript error.
 
 Screenshots of each step go to the folder given by `--out` (default `site-check/`), whose path
@@ -77,9 +78,12 @@ def truthy(value: str | None) -> bool:
 
 
 def find_chromium(explicit: str | None) -> str | None:
-    for candidate in (explicit, os.environ.get("CHROMIUM"), "/usr/bin/chromium"):
-        if candidate and os.access(candidate, os.X_OK):
-            return candidate
+    """`--chromium`, else `$CHROMIUM`, else /usr/bin/chromium or `chromium` on the PATH."""
+    chosen = explicit or os.environ.get("CHROMIUM")
+    if chosen:  # asked for one: that one or none
+        return chosen if os.access(chosen, os.X_OK) else None
+    if os.access("/usr/bin/chromium", os.X_OK):
+        return "/usr/bin/chromium"
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
@@ -156,7 +160,16 @@ def check_maths(page, checks: Checks, where: str, minimum: int) -> None:
     checks.expect(state["errors"] == 0, f"{where}: no .katex-error", state["errors"])
 
 
-def run_checks(chromium: str, base: str, out: pathlib.Path) -> list[str]:
+def site_pages(site: pathlib.Path) -> list[str]:
+    """The pages of a built site as paths relative to its root ('' for the home page)."""
+    pages = []
+    for index in sorted(site.rglob("index.html")):
+        relative = index.parent.relative_to(site).as_posix()
+        pages.append("" if relative == "." else relative + "/")
+    return pages
+
+
+def run_checks(chromium: str, base: str, out: pathlib.Path, pages: list[str]) -> list[str]:
     from playwright.sync_api import sync_playwright
 
     checks = Checks()
@@ -221,6 +234,8 @@ def run_checks(chromium: str, base: str, out: pathlib.Path) -> list[str]:
         meta = page.locator(".md-search-result__meta").first.inner_text() if count else ""
         checks.expect(count > 0 and bool(hits), f"search lists results for {SEARCH_TERM!r}",
                       f"{count} items ({meta.strip()})")
+        typeset = page.locator(".md-search-result .katex").count()
+        print(f"  info formulas typeset in the search previews: {typeset}")
         page.screenshot(path=out / "4-search.png")
         if count:
             page.locator(".md-search-result__item a").first.click()
@@ -229,6 +244,22 @@ def run_checks(chromium: str, base: str, out: pathlib.Path) -> list[str]:
             checks.expect(SEARCH_TERM in body, "the first search result opens a page about it",
                           page.url)
             page.screenshot(path=out / "5-search-result.png")
+
+        print(f"every page ({len(pages)})")
+        untypeset = []
+        for path in pages:
+            page.goto(base + path, wait_until="load")
+            if page.locator(".arithmatex").count():
+                try:
+                    page.wait_for_function(ALL_TYPESET, timeout=5_000)
+                except Exception:
+                    pass
+            state = page.evaluate(MATHS_STATE)
+            if state["typeset"] < state["spans"] or state["errors"]:
+                untypeset.append(f"/{path} ({state['typeset']}/{state['spans']} typeset, "
+                                 f"{state['errors']} errors)")
+        checks.expect(not untypeset, f"all {len(pages)} pages: formulas typeset, no .katex-error",
+                      "; ".join(untypeset))
 
         browser.close()
 
@@ -242,7 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--site", type=pathlib.Path, help="a built site (default: build one)")
     parser.add_argument("--out", type=pathlib.Path, default=ROOT / "site-check",
                         help="folder for the screenshots (default: site-check/)")
-    parser.add_argument("--chromium", help="the Chromium executable (default: /usr/bin/chromium)")
+    parser.add_argument("--chromium", help="the Chromium executable (default: $CHROMIUM, else "
+                        "/usr/bin/chromium)")
     parser.add_argument("--require", action="store_true",
                         help="fail instead of skipping when Chromium or Playwright is missing "
                         "(implied by CI=true)")
@@ -277,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         with serve(site.resolve()) as base:
             print(f"serving {site} at {base}")
-            failures = run_checks(chromium, base, out)
+            failures = run_checks(chromium, base, out, site_pages(site))
     print(f"screenshots: {out}")
     if failures:
         print(f"browser check FAILED ({len(failures)}): " + "; ".join(failures), file=sys.stderr)

@@ -53,7 +53,8 @@ def make_loop(inner=SGD, outer=ADAM, **overrides):
         outer_optimizer=outer,
         inner_steps=30,
         solver=implicitfn.CG(max_steps=20),
-        metrics={"mse": val_loss},
+        train_metrics={"mse": val_loss},
+        val_metrics={"mse": val_loss},
     )
     config.update(overrides)
     return hyperopt.HyperOptimizer(**config)
@@ -124,7 +125,9 @@ def test_user_tensors_are_not_modified_and_copies_are_returned():
     params = TensorDict(w=torch.zeros(x.shape[1], dtype=torch.float64))
     hparams = TensorDict(decay=DECAY.init(params))
     params_before, hparams_before = params.clone(), hparams.clone()
-    state = loop.init(params, hparams, hyperopt.Minibatches(x, y), hyperopt.Minibatches(x_val, y_val))
+    state = loop.init(
+        params, hparams, hyperopt.Minibatches(x, y), hyperopt.Minibatches(x_val, y_val)
+    )
     loop.run(state, outer_steps=2, progress=False)
     assert (params == params_before).all() and (hparams == hparams_before).all()
     view = state.params
@@ -142,8 +145,12 @@ def test_checkpoint_callback_and_early_stopping(tmp_path):
         seen.append(record["step"])
         return state.step == 4
 
-    loop.run(state, outer_steps=10, callbacks=[hyperopt.Checkpoint(path, every=2), stop_at_four],
-             progress=False)
+    loop.run(
+        state,
+        outer_steps=10,
+        callbacks=[hyperopt.Checkpoint(path, every=2), stop_at_four],
+        progress=False,
+    )
     assert state.step == 4 and seen == [1, 2, 3, 4]
     saved = torch.load(path, weights_only=True)
     assert saved["step"] == 4 and len(saved["history"]) == 4
@@ -201,7 +208,9 @@ def test_hyperparameters_unused_by_both_losses_are_refused():
     loop = make_loop()
     params = TensorDict(w=torch.zeros(x.shape[1], dtype=torch.float64))
     hparams = TensorDict(decay=DECAY.init(params), forgotten=torch.zeros(3, dtype=torch.float64))
-    state = loop.init(params, hparams, hyperopt.Minibatches(x, y), hyperopt.Minibatches(x_val, y_val))
+    state = loop.init(
+        params, hparams, hyperopt.Minibatches(x, y), hyperopt.Minibatches(x_val, y_val)
+    )
     with pytest.raises(ValueError, match=r"\['forgotten'\] is used by neither"):
         loop.step(state)
     assert state.step == 0 and torch.equal(state.params["w"], params["w"])
@@ -220,8 +229,10 @@ def test_bad_configuration_is_refused_before_computing():
         make_loop(solver="cg")
     with pytest.raises(TypeError, match="GaussNewton"):
         make_loop(curvature=implicitfn.GaussNewton())
-    with pytest.raises(ValueError, match="metrics: 'loss'"):
-        make_loop(metrics={"loss": val_loss})
+    with pytest.raises(ValueError, match="val_metrics: 'loss'"):
+        make_loop(val_metrics={"loss": val_loss})
+    with pytest.raises(TypeError, match="train_metrics: expected a dict"):
+        make_loop(train_metrics=[val_loss])
     loop = make_loop(inner=lambda tensors: torch.optim.LBFGS(tensors))
     with pytest.raises(TypeError, match="LBFGS needs a closure"):
         init_state(loop)
@@ -263,5 +274,7 @@ def test_resume_checks():
     )
     with pytest.warns(UserWarning, match="train_batches and val_batches cannot save"):
         plain.state_dict()
-    with pytest.raises(ValueError, match="train_batches: the checkpoint holds an iterator position"):
+    with pytest.raises(
+        ValueError, match="train_batches: the checkpoint holds an iterator position"
+    ):
         plain.load_state_dict(saved)

@@ -1,17 +1,12 @@
-"""Minibatch streams, the loop's handling of iterables, and the subpackage's docstring examples."""
+"""Minibatch streams and the loop's handling of iterables (docstring examples: test_docs.py)."""
 
 from __future__ import annotations
 
-import doctest
-import re
+import functools
 
 import pytest
 import torch
 
-import implicitfn.hyperopt._data
-import implicitfn.hyperopt._families
-import implicitfn.hyperopt._history
-import implicitfn.hyperopt._loop
 from implicitfn import hyperopt
 
 
@@ -74,38 +69,29 @@ def test_bad_minibatch_arguments():
         hyperopt.Minibatches(torch.zeros(3), noise_shape=3)
 
 
+class Passes:
+    """A re-iterable (like a DataLoader) that counts how often it was iterated over."""
+
+    def __init__(self, batches):
+        self.batches, self.passes = batches, 0
+
+    def __iter__(self):
+        self.passes += 1
+        return iter(self.batches)
+
+
 def test_reiterables_restart_and_batches_must_be_tensors():
-    stream = implicitfn.hyperopt._data.BatchStream([(torch.ones(1),), (torch.zeros(1),)], "train_batches")
-    assert [float(stream.next()[0]) for _ in range(5)] == [1.0, 0.0, 1.0, 0.0, 1.0]
-    single = implicitfn.hyperopt._data.BatchStream([torch.ones(2)], "val_batches")
-    assert isinstance(single.next(), tuple)
-    wrong = implicitfn.hyperopt._data.BatchStream([{"x": torch.ones(1)}], "val_batches")
-    with pytest.raises(TypeError, match="val_batches: batches must be tensors or tuples"):
-        wrong.next()
-
-
-class _FencedParser(doctest.DocTestParser):
-    """Docstring examples sit in Markdown code fences; drop the fence lines before parsing."""
-
-    def parse(self, string, name="<string>"):
-        return super().parse(re.sub(r"^[ \t]*```[a-z]*[ \t]*$", "", string, flags=re.M), name)
-
-
-@pytest.mark.parametrize(
-    "module",
-    [
-        implicitfn.hyperopt._data,
-        implicitfn.hyperopt._families,
-        implicitfn.hyperopt._history,
-        implicitfn.hyperopt._loop,
-    ],
-    ids=lambda m: m.__name__,
-)
-def test_docstring_examples(module, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # examples that write files write them here
-    tests = doctest.DocTestFinder(parser=_FencedParser()).find(module)
-    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
-    for test in tests:
-        runner.run(test)
-    assert sum(len(t.examples) for t in tests) > 0
-    assert runner.failures == 0, f"{runner.failures} failing docstring examples in {module.__name__}"
+    loop = hyperopt.HyperOptimizer(
+        train_loss=lambda w, h, x: ((w - x) ** 2).sum() + h * (w**2).sum(),
+        val_loss=lambda w, h, x: ((w - x) ** 2).sum(),
+        inner_optimizer=functools.partial(torch.optim.SGD, lr=0.1),
+        outer_optimizer=functools.partial(torch.optim.SGD, lr=0.1),
+        inner_steps=2,
+    )
+    train = Passes([torch.tensor(1.0), torch.tensor(2.0)])  # single tensors are batches too
+    state = loop.init(torch.zeros(()), torch.tensor(0.1), train, Passes([(torch.tensor(1.0),)]))
+    loop.step(state)  # draws three training batches from a list of two
+    assert train.passes == 2 and state.step == 1
+    state = loop.init(torch.zeros(()), torch.tensor(0.1), [{"x": torch.ones(())}], [torch.ones(())])
+    with pytest.raises(TypeError, match="train_batches: batches must be tensors or tuples"):
+        loop.step(state)

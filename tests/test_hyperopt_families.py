@@ -43,20 +43,27 @@ def assert_matches_finite_differences(train_loss, val_loss, params, hparams, tra
     """The implicit hypergradient against central differences along random directions."""
     w_star = newton(train_loss, params, hparams, *train_args)
     hypergradient, info = implicitfn.hypergradient(
-        train_loss, val_loss, w_star, hparams, inner_args=train_args, outer_args=val_args,
+        train_loss,
+        val_loss,
+        w_star,
+        hparams,
+        inner_args=train_args,
+        outer_args=val_args,
         solver=SOLVER,
     )
     assert bool(info.converged)
     eps = 1e-5
     gen = torch.Generator().manual_seed(0)
     for _ in range(2):
-        direction = pytree.tree_map(lambda t: torch.randn(t.shape, generator=gen, dtype=DTYPE), hparams)
+        direction = pytree.tree_map(
+            lambda t: torch.randn(t.shape, generator=gen, dtype=DTYPE), hparams
+        )
 
-        def val_at(step):
+        def val_at(step, direction):
             moved = implicitfn.tree_axpy(step, direction, hparams)
             return val_loss(newton(train_loss, w_star, moved, *train_args), moved, *val_args)
 
-        numeric = (val_at(eps) - val_at(-eps)) / (2 * eps)
+        numeric = (val_at(eps, direction) - val_at(-eps, direction)) / (2 * eps)
         analytic = implicitfn.tree_vdot(hypergradient, direction)
         torch.testing.assert_close(analytic, numeric, rtol=1e-5, atol=1e-8)
     return hypergradient
@@ -70,7 +77,9 @@ def classification_data(n, seed):
 
 
 def linear_params():
-    return TensorDict(weight=torch.zeros(CLASSES, FEATURES, dtype=DTYPE), bias=torch.zeros(CLASSES, dtype=DTYPE))
+    return TensorDict(
+        weight=torch.zeros(CLASSES, FEATURES, dtype=DTYPE), bias=torch.zeros(CLASSES, dtype=DTYPE)
+    )
 
 
 def logits(params, x):
@@ -94,7 +103,12 @@ def test_weight_decay_hypergradient(granularity, parametrization):
     # Perturb the strengths so that per-tensor / per-weight gradients differ from each other.
     hparams = hparams.apply(lambda t: t + 0.3 * torch.randn(t.shape, dtype=DTYPE))
     assert_matches_finite_differences(
-        train_loss, cross_entropy, params, hparams, classification_data(20, 1), classification_data(15, 2)
+        train_loss,
+        cross_entropy,
+        params,
+        hparams,
+        classification_data(20, 1),
+        classification_data(15, 2),
     )
 
 
@@ -139,7 +153,12 @@ def test_example_weights_hypergradient():
     # A batch of 8 of the 12 examples: the other weights get exactly zero hypergradient.
     batch = torch.tensor([0, 2, 3, 5, 7, 8, 10, 11])
     gradient = assert_matches_finite_differences(
-        train_loss, cross_entropy, params, hparams, (x[batch], y[batch], batch), classification_data(15, 4)
+        train_loss,
+        cross_entropy,
+        params,
+        hparams,
+        (x[batch], y[batch], batch),
+        classification_data(15, 4),
     )
     assert torch.all(gradient["weights"][[1, 4, 6, 9]] == 0)
     assert torch.all(gradient["weights"][batch] != 0)
@@ -179,7 +198,9 @@ def test_learned_augmentation_hypergradient():
     def train_loss(params, hparams, x, y, noise):
         augmented = augmentation.augment(hparams["augmentation"], x, noise)
         inputs, labels = torch.cat([x, augmented]), torch.cat([y, y])
-        return cross_entropy(params, hparams, inputs, labels) + decay.penalty(hparams["decay"], params)
+        return cross_entropy(params, hparams, inputs, labels) + decay.penalty(
+            hparams["decay"], params
+        )
 
     params = linear_params()
     hparams = TensorDict(augmentation=augmentation.init(), decay=decay.init(params))
@@ -201,7 +222,10 @@ def test_learned_augmentation_checks():
 
     augmentation = hyperopt.LearnedAugmentation(WrongShape())
     raw = augmentation.init()
-    assert set(raw.keys(include_nested=True, leaves_only=True)) == {("layer", "weight"), ("layer", "bias")}
+    assert set(raw.keys(include_nested=True, leaves_only=True)) == {
+        ("layer", "weight"),
+        ("layer", "bias"),
+    }
     with pytest.raises(ValueError, match="perturbation shaped like its input"):
         augmentation.augment(raw, torch.ones(5, 3))
     with pytest.raises(TypeError, match="network"):
@@ -218,7 +242,9 @@ def test_dataset_distillation_hypergradient(learn_labels):
     def train_loss(params, hparams):
         data = hparams["distilled"]
         predictions = logits(params, distilled.inputs(data))
-        return F.cross_entropy(predictions, distilled.targets(data)) + decay.penalty(hparams["decay"], params)
+        return F.cross_entropy(predictions, distilled.targets(data)) + decay.penalty(
+            hparams["decay"], params
+        )
 
     gen = torch.Generator().manual_seed(7)
     params = linear_params()
@@ -226,7 +252,9 @@ def test_dataset_distillation_hypergradient(learn_labels):
         distilled=distilled.init(torch.randn(6, FEATURES, generator=gen, dtype=DTYPE)),
         decay=decay.init(params),
     )
-    assert_matches_finite_differences(train_loss, cross_entropy, params, hparams, (), classification_data(15, 8))
+    assert_matches_finite_differences(
+        train_loss, cross_entropy, params, hparams, (), classification_data(15, 8)
+    )
 
 
 def test_distilled_inputs_through_args_get_the_same_gradient():
@@ -251,8 +279,11 @@ def test_distilled_inputs_through_args_get_the_same_gradient():
         return train_loss(params, decay_raw, distilled.inputs(hparams), distilled.targets(hparams))
 
     expected, _ = implicitfn.hypergradient(
-        through_hparams, lambda p, h: cross_entropy(p, h, x_val, y_val), w_star.detach(),
-        raw.detach(), solver=SOLVER,
+        through_hparams,
+        lambda p, h: cross_entropy(p, h, x_val, y_val),
+        w_star.detach(),
+        raw.detach(),
+        solver=SOLVER,
     )
     torch.testing.assert_close(raw["inputs"].grad, expected["inputs"])
 

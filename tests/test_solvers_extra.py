@@ -1,4 +1,4 @@
-"""MINRES, GMRES, Nystrom, StochasticNeumann, automatic step sizes, CG preconditioning, warm start."""
+"""MINRES, GMRES, Nystrom, StochasticNeumann; automatic alpha, CG preconditioning, warm start."""
 
 import itertools
 
@@ -156,7 +156,9 @@ def test_gmres_reports_stagnation_as_not_converged():
 
 
 @settings(max_examples=15)
-@given(system=spd_systems(), sketch=st.sampled_from(["gaussian", "columns"]), seed=st.integers(0, 99))
+@given(
+    system=spd_systems(), sketch=st.sampled_from(["gaussian", "columns"]), seed=st.integers(0, 99)
+)
 def test_nystrom_with_full_rank_equals_the_damped_exact_solve(system, sketch, seed):
     structure, matrix, _ = system
     rhs = build_tree(structure, randn)
@@ -168,28 +170,19 @@ def test_nystrom_with_full_rank_equals_the_damped_exact_solve(system, sketch, se
     close_to_exact(solution, matrix + damping * torch.eye(n, dtype=F64), rhs, 1e-7)
 
 
-def low_rank_plus_tail(n=80, top=6, tail=1e-2, seed=0):
-    """Eigenvalues: `top` in [10, 100], the rest equal to `tail`."""
-    eigenvalues = torch.full((n,), tail, dtype=F64)
-    eigenvalues[:top] = torch.logspace(1, 2, top, dtype=F64)
-    q = orthogonal(n, seed)
-    return (q * eigenvalues) @ q.T
-
-
 @pytest.mark.parametrize("sketch", ["gaussian", "columns"])
-def test_nystrom_captures_a_low_rank_curvature(sketch):
-    matrix = low_rank_plus_tail()
+def test_nystrom_is_exact_for_a_curvature_of_rank_at_most_r(sketch):
+    """A of rank 6 in dimension 80: a rank-10 sketch recovers it, so x = (A + rho I)^-1 b."""
+    eigenvalues = torch.zeros(80, dtype=F64)
+    eigenvalues[:6] = torch.logspace(-1, 2, 6, dtype=F64)
+    q = orthogonal(80, 0)
+    matrix = (q * eigenvalues) @ q.T
     rhs = torch.randn(80, dtype=F64)
     operator = matrix_operator(matrix, rhs, tags=SPD)
-    # rho equal to the tail: A = A_top + rho (I - U U^T), so the approximation is near exact.
-    rank = 12
-    solution, info = implicitfn.Nystrom(rank=rank, damping=1e-2, sketch=sketch).solve(operator, rhs)
-    assert bool(info.converged)
-    expected = torch.linalg.solve(matrix, rhs)
-    assert float((solution - expected).norm() / expected.norm()) < 0.05
-    # The same budget of CG products is far from the answer.
-    cg_solution, _ = implicitfn.CG(max_steps=rank, rtol=None).solve(operator, rhs)
-    assert float((cg_solution - expected).norm() / expected.norm()) > 0.5
+    solution, info = implicitfn.Nystrom(rank=10, damping=0.5, sketch=sketch).solve(operator, rhs)
+    assert bool(info.converged) and int(info.num_steps) == 10
+    expected = torch.linalg.solve(matrix + 0.5 * torch.eye(80, dtype=F64), rhs)
+    torch.testing.assert_close(solution, expected, rtol=1e-8, atol=1e-10)
 
 
 def test_nystrom_reports_a_damping_far_below_the_missed_eigenvalues():
@@ -267,8 +260,9 @@ def test_jacobi_preconditioning_reduces_cg_steps_on_a_badly_scaled_problem():
     operator = matrix_operator(matrix, rhs, tags=SPD)
     expected = torch.linalg.solve(matrix, rhs)
     plain_x, plain = implicitfn.CG(max_steps=1000, rtol=1e-10).solve(operator, rhs)
-    jacobi_x, jacobi = implicitfn.CG(max_steps=1000, rtol=1e-10, preconditioner="jacobi",
-                                     probes=20).solve(operator, rhs)
+    jacobi_x, jacobi = implicitfn.CG(
+        max_steps=1000, rtol=1e-10, preconditioner="jacobi", probes=20
+    ).solve(operator, rhs)
     diagonal = torch.diagonal(matrix)
     exact_x, exact_diag = implicitfn.CG(
         max_steps=1000, rtol=1e-10, preconditioner=lambda r: r / diagonal
@@ -295,7 +289,9 @@ def test_jacobi_is_exact_on_a_diagonal_operator_with_one_probe():
 def test_an_indefinite_preconditioner_is_reported():
     matrix = spd_matrix(6, 10.0, 0)
     rhs = torch.randn(6, dtype=F64)
-    _, info = implicitfn.CG(preconditioner=lambda r: -r).solve(matrix_operator(matrix, rhs, SPD), rhs)
+    _, info = implicitfn.CG(preconditioner=lambda r: -r).solve(
+        matrix_operator(matrix, rhs, SPD), rhs
+    )
     assert not bool(info.converged)
 
 
@@ -306,22 +302,28 @@ def vmap_solvers(batches):
     return [
         implicitfn.MINRES(rtol=1e-10),
         implicitfn.GMRES(restart=4, rtol=1e-10),
-        implicitfn.Nystrom(rank=6, damping=0.1),
-        implicitfn.Nystrom(rank=6, damping=0.1, sketch="columns"),
+        implicitfn.Nystrom(rank=5, damping=10.0),
+        implicitfn.Nystrom(rank=5, damping=10.0, sketch="columns"),
         implicitfn.CG(rtol=1e-10, preconditioner="jacobi", probes=3),
         implicitfn.Neumann(steps=40, alpha="auto"),
-        implicitfn.FixedPoint(max_steps=500, alpha="auto", rtol=1e-8),
+        implicitfn.FixedPoint(max_steps=1000, alpha="auto", rtol=1e-8),
         implicitfn.StochasticNeumann(batches, steps=30),
     ]
 
 
 def test_vmap_over_right_hand_sides_equals_a_loop():
-    template = TensorDict({"a": torch.zeros(3, dtype=F64), "b": {"c": torch.zeros(2, 2, dtype=F64)}})
+    template = TensorDict(
+        {"a": torch.zeros(3, dtype=F64), "b": {"c": torch.zeros(2, 2, dtype=F64)}}
+    )
     matrix = spd_matrix(7, 30.0, 4)
     operator = matrix_operator(matrix, template, tags=SPD)
     _, unravel = implicitfn.tree_ravel(template)
     # Solves that stop after different numbers of steps, including b = 0 and an eigenvector.
-    vectors = [torch.randn(7, dtype=F64), torch.linalg.eigh(matrix)[1][:, 3], torch.zeros(7, dtype=F64)]
+    vectors = [
+        torch.randn(7, dtype=F64),
+        torch.linalg.eigh(matrix)[1][:, 3],
+        torch.zeros(7, dtype=F64),
+    ]
     rhs = torch.stack([implicitfn.tree_ravel(unravel(v))[0] for v in vectors])
     # Curvature "batches": the same matrix scaled by 0.9 and 1.1.
     resampling = implicitfn.ResamplingOperator(
@@ -340,8 +342,9 @@ def test_vmap_over_right_hand_sides_equals_a_loop():
             torch.testing.assert_close(batched_x[i], x, rtol=1e-9, atol=1e-12)
             assert bool(batched_info.converged[i]) == bool(info.converged), solver
             assert int(batched_info.num_steps[i]) == int(info.num_steps), solver
-            torch.testing.assert_close(batched_info.residual_norm[i], info.residual_norm,
-                                       rtol=1e-6, atol=1e-12)
+            torch.testing.assert_close(
+                batched_info.residual_norm[i], info.residual_norm, rtol=1e-6, atol=1e-9
+            )
         assert bool(batched_info.converged.all()), (solver, batched_info)
 
 
@@ -352,13 +355,21 @@ def test_vmap_over_a_batch_of_operators_equals_a_loop():
     def solve(matrix, solver):
         return solver.solve(matrix_operator(matrix, rhs, tags=SPD), rhs)
 
-    for solver in (implicitfn.MINRES(rtol=1e-11), implicitfn.GMRES(restart=3, rtol=1e-11),
-                   implicitfn.Neumann(steps=50, alpha="auto"), implicitfn.Nystrom(rank=4)):
+    for solver in (
+        implicitfn.MINRES(rtol=1e-11),
+        implicitfn.GMRES(max_steps=1000, restart=4, rtol=1e-11),
+        implicitfn.Neumann(steps=50, alpha="auto"),
+        implicitfn.FixedPoint(max_steps=300, alpha="auto", rtol=None),
+        implicitfn.CG(rtol=1e-11, preconditioner="jacobi", probes=4),
+        implicitfn.Nystrom(rank=4),
+    ):
         xs, infos = torch.func.vmap(lambda m, s=solver: solve(m, s))(matrices)
         for i, matrix in enumerate(matrices):
             x, info = solve(matrix, solver)
             torch.testing.assert_close(xs[i], x, rtol=1e-9, atol=1e-12)
-            assert int(infos.num_steps[i]) == int(info.num_steps)
+            # Batched products round differently: a residual at the tolerance may take one more.
+            assert abs(int(infos.num_steps[i]) - int(info.num_steps)) <= 1, solver
+            assert bool(infos.converged[i]) == bool(info.converged), solver
 
 
 # --- stochastic Neumann --------------------------------------------------------------------
@@ -379,14 +390,22 @@ def test_stochastic_neumann_with_the_full_batch_is_neumann():
 
 def mean_ridge_loss(params, hparams, x, y):
     """Ridge with the data term averaged, so that a minibatch curvature estimates the full one."""
-    return 0.5 * ((x @ params["w"] - y) ** 2).mean() + 0.5 * (hparams["penalty"] * params["w"] ** 2).sum()
+    return (
+        0.5 * ((x @ params["w"] - y) ** 2).mean()
+        + 0.5 * (hparams["penalty"] * params["w"] ** 2).sum()
+    )
 
 
-def test_stochastic_neumann_through_implicit_diff_uses_every_batch():
+def test_stochastic_neumann_through_implicit_diff_beats_one_batch():
+    """LiSSA through the decorator: each term on a fresh batch of 64 out of 256 samples. Its
+    hypergradient is closer to the full-data one than the exact solve on a single batch."""
     gen = torch.Generator().manual_seed(0)
-    x, y = torch.randn(256, 4, generator=gen, dtype=F64), torch.randn(256, generator=gen, dtype=F64)
+    x = torch.randn(256, 4, generator=gen, dtype=F64) * torch.tensor(
+        [1.0, 0.5, 2.0, 1.0], dtype=F64
+    )
+    y = torch.randn(256, generator=gen, dtype=F64)
     penalty = torch.full((4,), 0.3, dtype=F64)
-    batches = list(zip(x.split(32), y.split(32), strict=True))
+    batches = list(zip(x.split(64), y.split(64), strict=True))
     drawn = []
 
     def counted():
@@ -394,24 +413,26 @@ def test_stochastic_neumann_through_implicit_diff_uses_every_batch():
             drawn.append(batch)
             yield batch
 
-    infos = []
-    solver = implicitfn.StochasticNeumann(counted(), steps=200)
+    def hypergradient(solver, x, y):
+        @implicitfn.implicit_diff(implicitfn.stationarity(mean_ridge_loss), solver=solver)
+        def inner(params, hparams, x, y):
+            matrix = x.T @ x / len(x) + torch.diag(hparams["penalty"])
+            return {"w": torch.linalg.solve(matrix, x.T @ y / len(x))}
 
-    @implicitfn.implicit_diff(implicitfn.stationarity(mean_ridge_loss), solver=solver,
-                              callback=infos.append)
-    def inner(params, hparams, x, y):
-        matrix = x.T @ x / len(x) + torch.diag(hparams["penalty"])
-        return {"w": torch.linalg.solve(matrix, x.T @ y / len(x))}
+        leaf = penalty.clone().requires_grad_()
+        inner({"w": torch.zeros(4, dtype=F64)}, {"penalty": leaf}, x, y)["w"].sum().backward()
+        return leaf.grad
 
-    leaf = penalty.clone().requires_grad_()
-    w = inner({"w": torch.zeros(4, dtype=F64)}, {"penalty": leaf}, x, y)
-    w["w"].sum().backward()
-    assert len(drawn) == 200 and bool(infos[-1].converged)
-    # Reference: the full-data IFT gradient.
-    hessian = x.T @ x / len(x) + torch.diag(penalty)
-    w_star = torch.linalg.solve(hessian, x.T @ y / len(x))
-    expected = -w_star * torch.linalg.solve(hessian, torch.ones(4, dtype=F64))
-    assert float((leaf.grad - expected).norm() / expected.norm()) < 0.1
+    stochastic = hypergradient(implicitfn.StochasticNeumann(counted(), steps=800, alpha=0.15), x, y)
+    assert len(drawn) == 800
+    expected = hypergradient(implicitfn.Dense(), x, y)
+    # The exact backward solve on the first batch only (the inner solution stays the full one).
+    hessian = batches[0][0].T @ batches[0][0] / 64 + torch.diag(penalty)
+    w_star = torch.linalg.solve(x.T @ x / 256 + torch.diag(penalty), x.T @ y / 256)
+    one_batch = -w_star * torch.linalg.solve(hessian, torch.ones(4, dtype=F64))
+    error = float((stochastic - expected).norm() / expected.norm())
+    assert error < 0.05
+    assert error < 0.5 * float((one_batch - expected).norm() / expected.norm())
 
 
 def test_stochastic_neumann_errors():
@@ -424,7 +445,9 @@ def test_stochastic_neumann_errors():
         implicitfn.StochasticNeumann(3)
     resampling = implicitfn.ResamplingOperator(operator, lambda: operator)
     with pytest.raises(ValueError, match="ran out after 2"):
-        implicitfn.StochasticNeumann(iter([(), ()]), steps=5).solve(resampling, torch.ones(3, dtype=F64))
+        implicitfn.StochasticNeumann(iter([(), ()]), steps=5).solve(
+            resampling, torch.ones(3, dtype=F64)
+        )
     with pytest.raises(ValueError, match="ran out after 0"):
         implicitfn.StochasticNeumann([], steps=5).solve(resampling, torch.ones(3, dtype=F64))
     # A finite list restarts: 2 batches serve 5 terms.
@@ -454,7 +477,10 @@ HYPERGRADIENT_SOLVERS = [
 def test_ridge_hypergradient_matches_the_closed_form(solver):
     gen = torch.Generator().manual_seed(2)
     x, y = torch.randn(30, 5, generator=gen, dtype=F64), torch.randn(30, generator=gen, dtype=F64)
-    x_val, y_val = torch.randn(30, 5, generator=gen, dtype=F64), torch.randn(30, generator=gen, dtype=F64)
+    x_val, y_val = (
+        torch.randn(30, 5, generator=gen, dtype=F64),
+        torch.randn(30, generator=gen, dtype=F64),
+    )
     penalty = torch.rand(5, generator=gen, dtype=F64) + 0.5
     inner = ridge_inner(solver)
     leaf = penalty.clone().requires_grad_()
@@ -477,11 +503,14 @@ def test_logistic_hypergradient_matches_the_dense_solver(solver):
 
         leaf = torch.linspace(-2, 0, 4, dtype=F64).requires_grad_()
         w = inner(params0, TensorDict({"log_penalty": leaf}), x, y)
-        torch.nn.functional.binary_cross_entropy_with_logits(x_val @ w["w"] + w["b"], y_val).backward()
+        torch.nn.functional.binary_cross_entropy_with_logits(
+            x_val @ w["w"] + w["b"], y_val
+        ).backward()
         return leaf.grad
 
-    torch.testing.assert_close(hypergradient_with(solver), hypergradient_with(implicitfn.Dense()),
-                               rtol=1e-6, atol=1e-10)
+    torch.testing.assert_close(
+        hypergradient_with(solver), hypergradient_with(implicitfn.Dense()), rtol=1e-6, atol=1e-10
+    )
 
 
 def test_fixed_point_condition_with_gmres_matches_dense():
@@ -502,7 +531,9 @@ def test_fixed_point_condition_with_gmres_matches_dense():
         inner(torch.zeros(6, dtype=F64), h).pow(2).sum().backward()
         return h.grad
 
-    torch.testing.assert_close(solve_with(implicitfn.GMRES(rtol=1e-12)), solve_with(implicitfn.Dense()))
+    torch.testing.assert_close(
+        solve_with(implicitfn.GMRES(rtol=1e-12)), solve_with(implicitfn.Dense())
+    )
     with pytest.raises(ValueError, match="symmetric"):
         implicitfn.implicit_diff(implicitfn.fixed_point(mapping), solver=implicitfn.MINRES())
     with pytest.raises(ValueError, match="symmetric"):
@@ -516,14 +547,21 @@ def outer_loop(warm_start, steps=12, solver=None):
     """Gradient descent on the ridge penalties; returns (hypergradients, CG steps per solve)."""
     gen = torch.Generator().manual_seed(5)
     x, y = torch.randn(60, 20, generator=gen, dtype=F64), torch.randn(60, generator=gen, dtype=F64)
-    x_val, y_val = torch.randn(60, 20, generator=gen, dtype=F64), torch.randn(60, generator=gen, dtype=F64)
+    x_val, y_val = (
+        torch.randn(60, 20, generator=gen, dtype=F64),
+        torch.randn(60, generator=gen, dtype=F64),
+    )
     infos = []
-    inner = ridge_inner(solver or implicitfn.CG(rtol=1e-8), warm_start=warm_start, callback=infos.append)
+    inner = ridge_inner(
+        solver or implicitfn.CG(rtol=1e-8), warm_start=warm_start, callback=infos.append
+    )
     penalty = torch.ones(20, dtype=F64)
     gradients = []
     for _ in range(steps):
         leaf = penalty.clone().requires_grad_()
-        w = inner(TensorDict({"w": torch.zeros(20, dtype=F64)}), TensorDict({"penalty": leaf}), x, y)
+        w = inner(
+            TensorDict({"w": torch.zeros(20, dtype=F64)}), TensorDict({"penalty": leaf}), x, y
+        )
         (0.5 * ((x_val @ w["w"] - y_val) ** 2).sum()).backward()
         gradients.append(leaf.grad)
         penalty = penalty - 0.05 * leaf.grad
@@ -541,8 +579,10 @@ def test_warm_start_saves_steps_and_keeps_the_answer():
 def test_warm_start_is_per_decorated_function_and_skips_vmap():
     infos = []
     decorate = implicitfn.implicit_diff(
-        implicitfn.stationarity(mean_ridge_loss), solver=implicitfn.CG(rtol=1e-10),
-        warm_start=True, callback=infos.append,
+        implicitfn.stationarity(mean_ridge_loss),
+        solver=implicitfn.CG(rtol=1e-10),
+        warm_start=True,
+        callback=infos.append,
     )
 
     def closed_form(params, hparams, x, y):
@@ -565,8 +605,9 @@ def test_warm_start_is_per_decorated_function_and_skips_vmap():
     # Under vmap the batch neither updates nor breaks the memory, and equals a loop.
     penalties = torch.stack([penalty, 2 * penalty, 3 * penalty])
     batched = torch.func.vmap(torch.func.grad(lambda p: value(second, p)))(penalties)
-    cold = implicitfn.implicit_diff(implicitfn.stationarity(mean_ridge_loss),
-                                    solver=implicitfn.CG(rtol=1e-10))(closed_form)
+    cold = implicitfn.implicit_diff(
+        implicitfn.stationarity(mean_ridge_loss), solver=implicitfn.CG(rtol=1e-10)
+    )(closed_form)
     looped = torch.stack([torch.func.grad(lambda p: value(cold, p))(p) for p in penalties])
     torch.testing.assert_close(batched, looped, rtol=1e-7, atol=1e-10)
     torch.func.grad(lambda p: value(second, p))(penalty)
@@ -599,8 +640,13 @@ def test_warm_start_is_per_decorated_function_and_skips_vmap():
         (lambda: implicitfn.StochasticNeumann([()], steps=0), ValueError, "steps"),
         (lambda: implicitfn.StochasticNeumann([()], alpha=0), ValueError, "alpha"),
         (lambda: implicitfn.ResamplingOperator("op", lambda: None), TypeError, "operator"),
-        (lambda: implicitfn.implicit_diff(implicitfn.stationarity(mean_ridge_loss), warm_start=1),
-         TypeError, "warm_start"),
+        (
+            lambda: implicitfn.implicit_diff(
+                implicitfn.stationarity(mean_ridge_loss), warm_start=1
+            ),
+            TypeError,
+            "warm_start",
+        ),
     ],
 )
 def test_bad_configuration_raises_naming_the_argument(make, error, match):
@@ -616,12 +662,19 @@ def test_bad_vectors_and_operators_are_refused_before_computing():
         calls.append(1)
         return matrix @ v
 
-    operator = implicitfn.FunctionLinearOperator(matvec, torch.zeros(3, dtype=F64), tags={"symmetric"})
+    operator = implicitfn.FunctionLinearOperator(
+        matvec, torch.zeros(3, dtype=F64), tags={"symmetric"}
+    )
     for solver in (implicitfn.MINRES(), implicitfn.GMRES(), implicitfn.Nystrom()):
         with pytest.raises(ValueError, match="structure"):
             solver.solve(operator, torch.ones(4, dtype=F64))
         with pytest.raises(ValueError, match="NaN"):
             solver.solve(operator, torch.tensor([1.0, float("nan"), 0.0], dtype=F64))
+    mixed = {"a": torch.zeros(2, dtype=torch.float32), "b": torch.zeros(1, dtype=F64)}
+    mixed_operator = implicitfn.FunctionLinearOperator(matvec, mixed, tags={"symmetric"})
+    for solver in (implicitfn.GMRES(), implicitfn.Nystrom(), implicitfn.Neumann(alpha="auto")):
+        with pytest.raises(TypeError, match="share a dtype"):
+            solver.solve(mixed_operator, {"a": torch.ones(2), "b": torch.ones(1, dtype=F64)})
     with pytest.raises(ValueError, match="preconditioner"):
         implicitfn.CG(preconditioner=lambda r: r[:2]).solve(operator, torch.ones(3, dtype=F64))
     assert not calls
@@ -629,8 +682,14 @@ def test_bad_vectors_and_operators_are_refused_before_computing():
 
 @pytest.mark.parametrize(
     "solver",
-    [implicitfn.Neumann(), implicitfn.FixedPoint(rtol=None), implicitfn.Nystrom(), implicitfn.MINRES(),
-     implicitfn.GMRES(), implicitfn.CG(preconditioner="jacobi")],
+    [
+        implicitfn.Neumann(),
+        implicitfn.FixedPoint(rtol=None),
+        implicitfn.Nystrom(),
+        implicitfn.MINRES(),
+        implicitfn.GMRES(),
+        implicitfn.CG(preconditioner="jacobi"),
+    ],
     ids=lambda s: type(s).__name__,
 )
 def test_zero_right_hand_side_is_solved_exactly(solver):
@@ -641,18 +700,21 @@ def test_zero_right_hand_side_is_solved_exactly(solver):
 
 
 def test_warm_started_solvers_use_the_initial_guess():
-    matrix = spd_matrix(12, 100.0, 2)
-    rhs = torch.randn(12, dtype=F64)
+    matrix = spd_matrix(40, 100.0, 2)
+    rhs = torch.randn(40, dtype=F64)
     answer = torch.linalg.solve(matrix, rhs)
-    close = answer + 1e-6 * torch.randn(12, dtype=F64)
+    close = answer + 1e-6 * torch.randn(40, dtype=F64)
     before = close.clone()
     operator = matrix_operator(matrix, rhs, tags=SPD)
-    for solver in (implicitfn.MINRES(rtol=1e-9), implicitfn.GMRES(rtol=1e-9),
-                   implicitfn.CG(rtol=1e-9, preconditioner="jacobi", probes=2)):
+    for solver in (
+        implicitfn.MINRES(rtol=1e-9),
+        implicitfn.GMRES(rtol=1e-9),
+        implicitfn.CG(rtol=1e-9, preconditioner="jacobi", probes=2),
+    ):
         _, cold = solver.solve(operator, rhs)
         x, warm = solver.solve(operator, rhs, initial=close)
         assert int(warm.num_steps) < int(cold.num_steps), solver
         torch.testing.assert_close(x, answer, rtol=1e-7, atol=1e-9)
-    x, info = implicitfn.Nystrom(rank=12, damping=1e-9).solve(operator, rhs, initial=close)
-    assert float((x - answer).norm()) < 1e-9 and int(info.num_steps) == 13
+    x, info = implicitfn.Nystrom(rank=40, damping=1e-9).solve(operator, rhs, initial=close)
+    assert float((x - answer).norm()) < 1e-9 and int(info.num_steps) == 41
     assert torch.equal(close, before)

@@ -9,7 +9,6 @@ import argparse
 import pathlib
 
 import torch
-import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from tqdm.auto import tqdm
 
@@ -73,14 +72,14 @@ def train_from_scratch(loss, params, steps: int, lr: float, description: str, pr
     return params.detach()
 
 
-def cross_entropy_loss(apply, x, y, decay: float):
-    """`params -> cross-entropy + decay/2 * |params|^2` on fixed data, for train_from_scratch."""
+def l2_penalty(params, strength: float = 1e-3) -> torch.Tensor:
+    """A fixed L2 penalty, strength / 2 times the sum of squares of all parameters."""
+    return 0.5 * strength * sum((p**2).sum() for p in params.values(True, True))
 
-    def loss(params):
-        squares = sum((p**2).sum() for p in params.values(include_nested=True, leaves_only=True))
-        return F.cross_entropy(apply(params, x), y) + 0.5 * decay * squares
 
-    return loss
+def report_target(name: str, value: float, target: float) -> None:
+    """Print a result against the target the issue sets for it."""
+    print(f"{name}: {value:.3f}, target >= {target} -> {'met' if value >= target else 'NOT met'}")
 
 
 def command_line(description: str, default_plot: str, **defaults) -> argparse.Namespace:
@@ -88,7 +87,9 @@ def command_line(description: str, default_plot: str, **defaults) -> argparse.Na
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--fast", action="store_true", help="a few steps, for CI")
     parser.add_argument(
-        "--plot", type=pathlib.Path, default=pathlib.Path("outputs") / default_plot,
+        "--plot",
+        type=pathlib.Path,
+        default=pathlib.Path("outputs") / default_plot,
         help="where to save the figure (default: %(default)s)",
     )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
@@ -99,5 +100,3 @@ def command_line(description: str, default_plot: str, **defaults) -> argparse.Na
     args.progress = not args.no_progress
     torch.set_num_threads(1)  # small models: one thread is fastest and fair on shared machines
     return args
-
-

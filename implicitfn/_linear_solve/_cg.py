@@ -13,7 +13,7 @@ from implicitfn._linear_solve._base import (
     iterate,
     tolerance,
 )
-from implicitfn._linear_solve._estimates import check_seed, flat_matvec, hutchinson_diagonal
+from implicitfn._linear_solve._estimates import check_seed, hutchinson_diagonal
 from implicitfn._operator import AbstractLinearOperator
 from implicitfn._solution import SolveInfo
 from implicitfn._tree import (
@@ -21,6 +21,7 @@ from implicitfn._tree import (
     tree_axpy,
     tree_map,
     tree_norm,
+    tree_ravel,
     tree_sub,
     tree_vdot,
     tree_zeros_like,
@@ -109,7 +110,7 @@ class CG(AbstractLinearSolver):
             return self.preconditioner, 0
         diagonal = hutchinson_diagonal(operator, self.probes, self.seed).abs()
         diagonal = torch.clamp(diagonal, min=1e-6 * diagonal.max()).detach()
-        inverse = flat_matvec(operator)[2](1.0 / diagonal)
+        inverse = tree_ravel(operator.template)[1](1.0 / diagonal)
         return (lambda r: tree_map(torch.mul, inverse, r)), self.probes
 
     def _solve(self, operator, vector, initial):

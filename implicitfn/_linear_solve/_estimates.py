@@ -19,7 +19,7 @@ import torch
 
 from implicitfn._linear_solve._base import check_positive_int
 from implicitfn._operator import AbstractLinearOperator
-from implicitfn._tree import Tree, tree_ravel
+from implicitfn._tree import Tree, leaves, tree_ravel
 
 Probes = Literal["gaussian", "rademacher", "columns"]
 StepSize = float | Literal["auto"]
@@ -69,6 +69,12 @@ def flat_matvec(
     operator: AbstractLinearOperator,
 ) -> tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor, Callable[[torch.Tensor], Tree]]:
     """The operator on raveled vectors: `(matvec, raveled template, unravel)`."""
+    dtypes = sorted({str(leaf.dtype) for leaf in leaves(operator.template)})
+    if len(dtypes) > 1:
+        raise TypeError(
+            f"vector: this solver works on the parameters raveled into one vector, so all leaves "
+            f"must share a dtype, got {', '.join(dtypes)}; convert them with .to(dtype)."
+        )
     flat, unravel = tree_ravel(operator.template)
 
     def matvec(vector: torch.Tensor) -> torch.Tensor:

@@ -103,6 +103,8 @@ class Nystrom(AbstractLinearSolver):
         if self.sketch == "gaussian":
             omega = torch.linalg.qr(omega)[0]
         sketched = apply_to_columns(matvec, omega)  # Y = A Omega
+        # NaN/Inf products would make the factorisations raise; the residual reports them.
+        sketched = torch.where(torch.isfinite(sketched), sketched, 0.0)
         core = omega.T @ sketched
         core = 0.5 * (core + core.T)
         # A_hat = Y core^+ Y^T = Q (R core^+ R^T) Q^T = (Q V) diag(lam) (Q V)^T.
@@ -113,10 +115,10 @@ class Nystrom(AbstractLinearSolver):
 
         def inverse(rhs: torch.Tensor) -> torch.Tensor:
             coefficients = basis.T @ rhs
-            captured = basis @ coefficients
-            return basis @ (coefficients / (eigenvalues + self.damping)) + (
-                rhs - captured
-            ) / self.damping
+            solution = basis @ (coefficients / (eigenvalues + self.damping))
+            if rank == size:  # the complement is empty; rounding must not be divided by rho
+                return solution
+            return solution + (rhs - basis @ coefficients) / self.damping
 
         b = tree_ravel(vector)[0]
         if initial is None:

@@ -7,6 +7,7 @@ torchdata's `StatefulDataLoader`, so a resumed run draws the same batches.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -81,7 +82,9 @@ class Minibatches:
             raise ValueError("tensors: have no examples; pass at least one row.")
         if batch_size is not None:
             if isinstance(batch_size, bool) or not isinstance(batch_size, int):
-                raise TypeError(f"batch_size: expected an int or None, got {type(batch_size).__name__}.")
+                raise TypeError(
+                    f"batch_size: expected an int or None, got {type(batch_size).__name__}."
+                )
             if not 1 <= batch_size <= size:
                 raise ValueError(
                     f"batch_size: must be between 1 and the number of examples ({size}), got "
@@ -93,7 +96,9 @@ class Minibatches:
             not isinstance(noise_shape, tuple)
             or not all(isinstance(d, int) and d > 0 for d in noise_shape)
         ):
-            raise ValueError(f"noise_shape: expected a tuple of positive ints, got {noise_shape!r}.")
+            raise ValueError(
+                f"noise_shape: expected a tuple of positive ints, got {noise_shape!r}."
+            )
         self.tensors = tensors
         self.batch_size = batch_size
         self.indices = bool(indices)
@@ -167,7 +172,12 @@ class BatchStream:
     one-shot iterator that runs out is an error, as is an iterable that yields nothing.
     """
 
-    def __init__(self, iterable: Iterable[Any], name: str):
+    def __init__(self, iterable: Iterable[Any] | None, name: str):
+        if iterable is None:  # the loss reads no batch: every batch is empty
+            iterable = itertools.repeat(())
+            self.stateless = True
+        else:
+            self.stateless = False
         if not isinstance(iterable, Iterable):
             raise TypeError(
                 f"{name}: expected an iterable of batches, got {type(iterable).__name__}; use "
@@ -193,7 +203,9 @@ class BatchStream:
             self.iterator = iter(self.iterable)
             batch = next(self.iterator, None)
             if batch is None:
-                raise ValueError(f"{self.name}: yielded no batches; it must yield at least one.") from None
+                raise ValueError(
+                    f"{self.name}: yielded no batches; it must yield at least one."
+                ) from None
         if isinstance(batch, torch.Tensor):
             return (batch,)
         if isinstance(batch, (tuple, list)):
@@ -204,16 +216,21 @@ class BatchStream:
         )
 
     @property
-    def resumable(self) -> bool:
+    def saves_position(self) -> bool:
+        """Whether the iterable follows the `state_dict()` / `load_state_dict()` protocol."""
         return hasattr(self.iterable, "state_dict") and hasattr(self.iterable, "load_state_dict")
 
+    @property
+    def resumable(self) -> bool:
+        return self.stateless or self.saves_position
+
     def state_dict(self) -> Any:
-        return self.iterable.state_dict() if self.resumable else None
+        return self.iterable.state_dict() if self.saves_position else None
 
     def load_state_dict(self, state: Any) -> None:
         if state is None:
             return
-        if not self.resumable:
+        if not self.saves_position:
             raise ValueError(
                 f"{self.name}: the checkpoint holds an iterator position but this iterable has no "
                 "load_state_dict(); resume with the same kind of stream (e.g. hyperopt.Minibatches)."

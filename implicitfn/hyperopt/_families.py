@@ -98,7 +98,9 @@ class WeightDecay:
         """
         flat = pytree.tree_leaves(params)
         if not flat or not all(isinstance(t, torch.Tensor) and t.is_floating_point() for t in flat):
-            raise TypeError("params: expected a tree of floating-point tensors with at least one leaf.")
+            raise TypeError(
+                "params: expected a tree of floating-point tensors with at least one leaf."
+            )
         raw = (
             math.log(self.initial)
             if self.parametrization == "log"
@@ -107,7 +109,9 @@ class WeightDecay:
         if self.granularity == "global":
             return torch.full((), raw, dtype=flat[0].dtype, device=flat[0].device)
         if self.granularity == "per_tensor":
-            return pytree.tree_map(lambda t: torch.full((), raw, dtype=t.dtype, device=t.device), params)
+            return pytree.tree_map(
+                lambda t: torch.full((), raw, dtype=t.dtype, device=t.device), params
+            )
         return pytree.tree_map(lambda t: torch.full_like(t, raw), params)
 
     def strength(self, raw: Any) -> Any:
@@ -125,12 +129,13 @@ class WeightDecay:
 
         **Returns:** a 0-dim tensor.
         """
-        strength = self.strength(raw)
         weights = pytree.tree_leaves(params)
         if self.granularity == "global":
             if not isinstance(raw, torch.Tensor) or raw.ndim != 0:
-                raise ValueError("raw: a 'global' weight decay takes one 0-dim tensor; use init(params).")
-            return 0.5 * strength * sum((w**2).sum() for w in weights)
+                raise ValueError(
+                    "raw: a 'global' weight decay takes one 0-dim tensor; use init(params)."
+                )
+            return 0.5 * self.strength(raw) * sum((w**2).sum() for w in weights)
         expected = _paths_and_shapes(params)
         if self.granularity == "per_tensor":
             expected = [(path, ()) for path, _ in expected]
@@ -139,7 +144,7 @@ class WeightDecay:
                 f"raw: structure {_paths_and_shapes(raw)} does not fit a {self.granularity!r} decay "
                 f"of params {_paths_and_shapes(params)}; make it with init(params) on the same params."
             )
-        strengths = pytree.tree_leaves(strength)
+        strengths = pytree.tree_leaves(self.strength(raw))
         return 0.5 * sum((s * w**2).sum() for s, w in zip(strengths, weights, strict=True))
 
 
@@ -173,10 +178,18 @@ class ExampleWeights:
 
     def __post_init__(self) -> None:
         _check_positive_int(self.num_examples, "num_examples")
-        if isinstance(self.initial, bool) or not isinstance(self.initial, (int, float)) or not 0 < self.initial < 1:
-            raise ValueError(f"initial: expected a weight strictly between 0 and 1, got {self.initial!r}.")
+        if (
+            isinstance(self.initial, bool)
+            or not isinstance(self.initial, (int, float))
+            or not 0 < self.initial < 1
+        ):
+            raise ValueError(
+                f"initial: expected a weight strictly between 0 and 1, got {self.initial!r}."
+            )
 
-    def init(self, *, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> torch.Tensor:
+    def init(
+        self, *, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+    ) -> torch.Tensor:
         """The raw values $r$ (logits), shape `(num_examples,)`, all giving the weight `initial`."""
         logit = math.log(self.initial / (1 - self.initial))
         return torch.full((self.num_examples,), logit, dtype=dtype, device=device)
@@ -185,7 +198,9 @@ class ExampleWeights:
         r"""All $N$ weights $\sigma(r)$."""
         return torch.sigmoid(raw)
 
-    def weighted_mean(self, raw: torch.Tensor, losses: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    def weighted_mean(
+        self, raw: torch.Tensor, losses: torch.Tensor, indices: torch.Tensor
+    ) -> torch.Tensor:
         r"""$\frac1{|B|}\sum_{i \in B} \sigma(r_i)\,\ell_i$ for a batch's per-example losses.
 
         **Arguments:**
@@ -197,7 +212,9 @@ class ExampleWeights:
         **Returns:** a 0-dim tensor.
         """
         if raw.shape != (self.num_examples,):
-            raise ValueError(f"raw: expected shape ({self.num_examples},), got {tuple(raw.shape)}; use init().")
+            raise ValueError(
+                f"raw: expected shape ({self.num_examples},), got {tuple(raw.shape)}; use init()."
+            )
         if losses.ndim != 1 or indices.shape != losses.shape:
             raise ValueError(
                 f"losses, indices: expected two 1-dim tensors of the batch size, got shapes "
@@ -249,7 +266,9 @@ class LearnedAugmentation:
 
     def __post_init__(self) -> None:
         if not isinstance(self.network, torch.nn.Module):
-            raise TypeError(f"network: expected a torch.nn.Module, got {type(self.network).__name__}.")
+            raise TypeError(
+                f"network: expected a torch.nn.Module, got {type(self.network).__name__}."
+            )
         apply, initial = implicitfn.functional_model(self.network)
         if initial.is_empty():
             raise ValueError("network: has no parameters, so there is nothing to learn.")
@@ -310,7 +329,9 @@ class DistilledData:
             raise ValueError(f"num_classes: expected at least 2 classes, got {self.num_classes}.")
         _check_positive_int(self.per_class, "per_class")
         if not isinstance(self.learn_labels, bool):
-            raise TypeError(f"learn_labels: expected a bool, got {type(self.learn_labels).__name__}.")
+            raise TypeError(
+                f"learn_labels: expected a bool, got {type(self.learn_labels).__name__}."
+            )
 
     @property
     def labels(self) -> torch.Tensor:

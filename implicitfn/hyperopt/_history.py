@@ -13,7 +13,7 @@ class History:
     r"""The records of a hyper-optimisation run, one dict per hyper step.
 
     Each record has `step`, `train_loss` and `val_loss` (at the inner parameters reached, on the
-    step's training and validation batches), `train_<name>` / `val_<name>` for each metric of the
+    step's training and validation batches), `train_<name>` / `val_<name>` for the metrics of the
     [`HyperOptimizer`][implicitfn.hyperopt.HyperOptimizer], `inner_gradient_norm`
     ($\lVert\nabla_w L_T\rVert$: how far the inner problem is from stationarity, the implicit
     function theorem's premise), `hypergradient_norm`, and the backward solve's
@@ -70,9 +70,9 @@ class History:
         if not self.records:
             raise ValueError("History.plot: nothing recorded yet; run some hyper steps first.")
         keys = self.records[-1].keys()
-        metrics = sorted({k[len("val_") :] for k in keys if k.startswith("val_")} - {"loss"})
+        metrics = {k.split("_", 1)[1] for k in keys if k.startswith(("train_", "val_"))} - {"loss"}
         panels = [("loss", ["train_loss", "val_loss"], False)]
-        panels += [(m, [f"train_{m}", f"val_{m}"], False) for m in metrics]
+        panels += [(m, [f"train_{m}", f"val_{m}"], False) for m in sorted(metrics)]
         panels += [("hypergradient norm", ["hypergradient_norm"], True)]
         panels += [("backward solve: relative residual", ["relative_residual"], True)]
         figure = Figure(figsize=(4.0 * len(panels), 3.2), layout="constrained")
@@ -84,10 +84,17 @@ class History:
                 if column in keys:
                     axis.plot(steps, self[column], label=column)
             if title.startswith("backward") and "converged" in keys:
-                failed = [(s, r) for s, r, ok in zip(steps, self[columns[0]], self["converged"], strict=True) if not ok]
+                failed = [
+                    (s, r)
+                    for s, r, ok in zip(steps, self[columns[0]], self["converged"], strict=True)
+                    if not ok
+                ]
                 if failed:
-                    axis.scatter(*zip(*failed, strict=True), color="red", zorder=3, label="not converged")
-            if log_scale and all(v > 0 and math.isfinite(v) for c in columns for v in self[c]):
+                    axis.scatter(
+                        *zip(*failed, strict=True), color="red", zorder=3, label="not converged"
+                    )
+            values = [v for c in columns if c in keys for v in self[c]]
+            if log_scale and all(v > 0 and math.isfinite(v) for v in values):
                 axis.set_yscale("log")
             axis.set_title(title)
             axis.set_xlabel("hyper step")

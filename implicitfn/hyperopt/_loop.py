@@ -71,20 +71,25 @@ class HyperState:
     ...     val_loss=lambda w, h, x: ((w - x) ** 2).sum(),
     ...     inner_optimizer=functools.partial(torch.optim.SGD, lr=0.1),
     ...     outer_optimizer=functools.partial(torch.optim.SGD, lr=0.1))
-    >>> data = hyperopt.Minibatches(torch.ones(1, 2))
-    >>> state = loop.init(torch.zeros(2), torch.tensor(0.0), data, data)
+    >>> def start():
+    ...     data = torch.ones(1, 2)
+    ...     return loop.init(torch.zeros(2), torch.tensor(0.0), hyperopt.Minibatches(data),
+    ...                      hyperopt.Minibatches(data))
+    >>> state = start()
     >>> _ = loop.run(state, outer_steps=2, progress=False)
     >>> buffer = io.BytesIO()
     >>> torch.save(state.state_dict(), buffer)
     >>> _ = buffer.seek(0)
-    >>> resumed = loop.init(torch.zeros(2), torch.tensor(0.0), data, data)
+    >>> resumed = start()
     >>> resumed.load_state_dict(torch.load(buffer, weights_only=True))
     >>> resumed.step, torch.equal(resumed.hparams, state.hparams)
     (2, True)
     ```
     """
 
-    def __init__(self, params: Any, hparams: Any, inner, outer, train: BatchStream, val: BatchStream):
+    def __init__(
+        self, params: Any, hparams: Any, inner, outer, train: BatchStream, val: BatchStream
+    ):
         self.step = 0
         self.history = History()
         self._params_spec = pytree.tree_structure(params)
@@ -100,17 +105,21 @@ class HyperState:
     @property
     def params(self) -> Any:
         """A copy of the current parameters $w$."""
-        return pytree.tree_unflatten([t.detach().clone() for t in self._inner.tensors], self._params_spec)
+        return pytree.tree_unflatten(
+            [t.detach().clone() for t in self._inner.tensors], self._params_spec
+        )
 
     @property
     def hparams(self) -> Any:
         r"""A copy of the current hyperparameters $\lambda$."""
-        return pytree.tree_unflatten([t.detach().clone() for t in self._outer.tensors], self._hparams_spec)
+        return pytree.tree_unflatten(
+            [t.detach().clone() for t in self._outer.tensors], self._hparams_spec
+        )
 
-    def live_params(self) -> Any:
+    def _live_params(self) -> Any:
         return pytree.tree_unflatten(list(self._inner.tensors), self._params_spec)
 
-    def live_hparams(self) -> Any:
+    def _live_hparams(self) -> Any:
         return pytree.tree_unflatten(list(self._outer.tensors), self._hparams_spec)
 
     def state_dict(self) -> dict[str, Any]:
@@ -140,8 +149,14 @@ class HyperState:
         return {
             "format": _CHECKPOINT_FORMAT,
             "step": self.step,
-            "params": {n: t.detach().clone() for n, t in zip(self._params_names, self._inner.tensors, strict=True)},
-            "hparams": {n: t.detach().clone() for n, t in zip(self._hparams_names, self._outer.tensors, strict=True)},
+            "params": {
+                n: t.detach().clone()
+                for n, t in zip(self._params_names, self._inner.tensors, strict=True)
+            },
+            "hparams": {
+                n: t.detach().clone()
+                for n, t in zip(self._hparams_names, self._outer.tensors, strict=True)
+            },
             "inner_optimizer": self._inner.state_dict(),
             "outer_optimizer": self._outer.state_dict(),
             "rng": rng,
@@ -221,8 +236,10 @@ class HyperOptimizer:
       [`implicit_diff`][implicitfn.implicit_diff]. By default a solve that does not converge raises
       [`ImplicitSolveError`][implicitfn.ImplicitSolveError]; with `"warn"` the step goes on and
       the history records `converged=False`.
-    - `metrics`: `{name: fn(params, hparams, *batch) -> scalar}` evaluated on each hyper step's
-      training and validation batches and recorded as `train_<name>` and `val_<name>`.
+    - `train_metrics`, `val_metrics`: `{name: fn(params, hparams, *batch) -> scalar}`
+      evaluated on each hyper step's training / validation batch (so with the signature of
+      `train_loss` / `val_loss`) and recorded as `train_<name>` / `val_<name>`; the two can
+      differ because the batches can (indices, noise, no data at all).
 
     ```python
     >>> import functools, torch, implicitfn
@@ -254,7 +271,10 @@ class HyperOptimizer:
     curvature: implicitfn.AbstractCurvature = implicitfn.Hessian()
     damping: float = 0.0
     on_failure: Literal["raise", "warn"] = "raise"
-    metrics: Mapping[str, Callable[..., torch.Tensor]] = dataclasses.field(default_factory=dict)
+    train_metrics: Mapping[str, Callable[..., torch.Tensor]] = dataclasses.field(
+        default_factory=dict
+    )
+    val_metrics: Mapping[str, Callable[..., torch.Tensor]] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("train_loss", "val_loss"):
@@ -269,12 +289,18 @@ class HyperOptimizer:
             raise TypeError(f"inner_steps: expected an int, got {type(self.inner_steps).__name__}.")
         if self.inner_steps < 1:
             raise ValueError(f"inner_steps: must be >= 1 (got {self.inner_steps}).")
-        if not isinstance(self.metrics, Mapping) or not all(
-            isinstance(k, str) and callable(f) for k, f in self.metrics.items()
-        ):
-            raise TypeError("metrics: expected a dict {name: fn(params, hparams, *batch) -> scalar}.")
-        if "loss" in self.metrics:
-            raise ValueError("metrics: 'loss' is recorded already (train_loss, val_loss); rename it.")
+        for name in ("train_metrics", "val_metrics"):
+            metrics = getattr(self, name)
+            if not isinstance(metrics, Mapping) or not all(
+                isinstance(k, str) and callable(f) for k, f in metrics.items()
+            ):
+                raise TypeError(
+                    f"{name}: expected a dict {{name: fn(params, hparams, *batch) -> scalar}}."
+                )
+            if "loss" in metrics:
+                raise ValueError(
+                    f"{name}: 'loss' is recorded already (train_loss, val_loss); rename it."
+                )
         # The backward solve's configuration is checked by the decorator it configures.
         implicitfn.implicit_diff(
             implicitfn.stationarity(self.train_loss),
@@ -285,7 +311,11 @@ class HyperOptimizer:
         )
 
     def init(
-        self, params: Any, hparams: Any, train_batches: Iterable[Any], val_batches: Iterable[Any]
+        self,
+        params: Any,
+        hparams: Any,
+        train_batches: Iterable[Any] | None,
+        val_batches: Iterable[Any] | None,
     ) -> HyperState:
         r"""Start a run: copy the initial values, build the optimisers, attach the batch streams.
 
@@ -297,7 +327,8 @@ class HyperOptimizer:
           `init()` of several hyperparameter families.
         - `train_batches`, `val_batches`: iterables of batches (tuples of tensors, unpacked into
           the losses). Use [`Minibatches`][implicitfn.hyperopt.Minibatches] for seeded,
-          resumable streams; a `DataLoader` is restarted at the end of each epoch.
+          resumable streams; a `DataLoader` is restarted at the end of each epoch. `None` when
+          the loss reads no batch (dataset distillation trains on hyperparameters only).
 
         **Returns:** a [`HyperState`][implicitfn.hyperopt.HyperState].
         """
@@ -321,16 +352,20 @@ class HyperOptimizer:
         **Returns:** the step's record (also appended to `state.history`).
         """
         if not isinstance(state, HyperState):
-            raise TypeError(f"state: expected a HyperState from HyperOptimizer.init, got {type(state).__name__}.")
+            raise TypeError(
+                f"state: expected a HyperState from HyperOptimizer.init, got {type(state).__name__}."
+            )
         val_batch = state._val.next()
-        hparams = state.live_hparams()
+        hparams = state._live_hparams()
         train_gradient = grad(self.train_loss)
         for inner_step in range(self.inner_steps):
             batch = state._train.next()
             if state.step == 0 and inner_step == 0:
-                self._check_hparams_used(state.live_params(), hparams, batch, val_batch)
-            state._inner.step(pytree.tree_leaves(train_gradient(state.live_params(), hparams, *batch)))
-        params = state.live_params()
+                self._check_hparams_used(state._live_params(), hparams, batch, val_batch)
+            state._inner.step(
+                pytree.tree_leaves(train_gradient(state._live_params(), hparams, *batch))
+            )
+        params = state._live_params()
         if not all(bool(torch.isfinite(t).all()) for t in state._inner.tensors):
             raise FloatingPointError(
                 f"hyper step {state.step + 1}: the inner optimiser produced NaN/Inf parameters; "
@@ -349,7 +384,9 @@ class HyperOptimizer:
             damping=self.damping,
             on_failure=self.on_failure,
         )
-        record = self._record(state.step + 1, params, hparams, train_batch, val_batch, hypergradient, info)
+        record = self._record(
+            state.step + 1, params, hparams, train_batch, val_batch, hypergradient, info
+        )
         state._outer.step(pytree.tree_leaves(hypergradient))
         if not all(bool(torch.isfinite(t).all()) for t in state._outer.tensors):
             raise FloatingPointError(
@@ -385,26 +422,33 @@ class HyperOptimizer:
         if isinstance(outer_steps, bool) or not isinstance(outer_steps, int) or outer_steps < 0:
             raise ValueError(f"outer_steps: expected an int >= 0 (the total), got {outer_steps!r}.")
         if not all(callable(c) for c in callbacks):
-            raise TypeError("callbacks: expected a sequence of callables (state, record) -> bool | None.")
+            raise TypeError(
+                "callbacks: expected a sequence of callables (state, record) -> bool | None."
+            )
         from tqdm.auto import tqdm
 
         with tqdm(
-            total=outer_steps, initial=min(state.step, outer_steps), desc="hyper steps",
-            disable=not progress, dynamic_ncols=True,
+            total=outer_steps,
+            initial=min(state.step, outer_steps),
+            desc="hyper steps",
+            disable=not progress,
+            dynamic_ncols=True,
         ) as bar:
             while state.step < outer_steps:
                 record = self.step(state)
                 bar.update(1)
                 bar.set_postfix(
                     {k: f"{v:.3g}" for k, v in record.items() if k.startswith("val_")}
-                    | {"converged": record["converged"]}
+                    | {"converged": "yes" if record["converged"] else "NO"}
                 )
                 stop = [callback(state, record) is True for callback in callbacks]
                 if any(stop):
                     break
         return state.history
 
-    def _check_hparams_used(self, params: Any, hparams: Any, train_batch: tuple, val_batch: tuple) -> None:
+    def _check_hparams_used(
+        self, params: Any, hparams: Any, train_batch: tuple, val_batch: tuple
+    ) -> None:
         """Refuse hyperparameters that neither loss reads: their hypergradient would be a silent 0.
 
         Uses one autograd pass per loss on the first batches, with the RNG state restored so the
@@ -419,7 +463,11 @@ class HyperOptimizer:
                 ("val_loss", self.val_loss, val_batch),
             ):
                 value = loss(params, probe, *batch)
-                if not isinstance(value, torch.Tensor) or value.ndim != 0 or not value.is_floating_point():
+                if (
+                    not isinstance(value, torch.Tensor)
+                    or value.ndim != 0
+                    or not value.is_floating_point()
+                ):
                     raise ValueError(
                         f"{name}: must return a floating-point scalar (0-dim) tensor; reduce the "
                         "per-example losses with .mean() or .sum()."
@@ -436,15 +484,18 @@ class HyperOptimizer:
                 "hyperopt.WeightDecay.penalty(...)) or remove them from hparams."
             )
 
-    def _record(self, step, params, hparams, train_batch, val_batch, hypergradient, info) -> dict[str, Any]:
+    def _record(
+        self, step, params, hparams, train_batch, val_batch, hypergradient, info
+    ) -> dict[str, Any]:
         with torch.no_grad():
             record: dict[str, Any] = {
                 "step": step,
                 "train_loss": _float(self.train_loss(params, hparams, *train_batch)),
                 "val_loss": _float(self.val_loss(params, hparams, *val_batch)),
             }
-            for name, metric in self.metrics.items():
+            for name, metric in self.train_metrics.items():
                 record[f"train_{name}"] = _float(metric(params, hparams, *train_batch))
+            for name, metric in self.val_metrics.items():
                 record[f"val_{name}"] = _float(metric(params, hparams, *val_batch))
         inner_gradient = grad(self.train_loss)(params, hparams, *train_batch)
         record["inner_gradient_norm"] = _float(implicitfn.tree_norm(inner_gradient))

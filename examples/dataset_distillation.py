@@ -1,0 +1,139 @@
+"""Dataset distillation of digits: one learned 8x8 image per class (Lorraine et al. 2020, Fig. 5).
+
+The hyperparameters are ten synthetic images, one per class, starting from random noise. The
+inner problem trains a logistic regression on those ten images only; the outer loss is the
+cross-entropy of that model on minibatches of 1000 real training digits. Afterwards a fresh
+logistic regression is trained from scratch on the ten learned images and tested on the held-out
+digits, beside the same model trained on one real image per class, on the ten class means, and
+on all 1000 training images.
+
+    python examples/dataset_distillation.py            # full run, about a minute
+    python examples/dataset_distillation.py --fast     # CI smoke run
+"""
+
+from __future__ import annotations
+
+import functools
+
+import support
+import torch
+import torch.nn.functional as F
+from matplotlib.figure import Figure
+
+import implicitfn
+from implicitfn import hyperopt
+
+DECAY = 1e-3  # fixed L2 penalty of the inner logistic regression: ten images are separable
+
+
+def main():
+    args = support.command_line(
+        __doc__.splitlines()[0],
+        "dataset_distillation.png",
+        steps=300,
+        inner_steps=20,
+        hyper_lr=0.05,
+        batch_size=200,
+        scratch_steps=2000,
+        seed=0,
+    )
+    if args.fast:
+        args.steps, args.scratch_steps = 10, 200
+    splits = support.digits_splits({"train": 1000}, seed=args.seed)
+    (x, y), (x_test, y_test) = splits["train"], splits["test"]
+    apply, params = support.classifier(None, seed=args.seed)
+    distilled = hyperopt.DistilledData(num_classes=support.NUM_CLASSES, per_class=1)
+
+    def train_loss(params, hparams):  # no data argument: the training set is the hyperparameters
+        logits = apply(params, distilled.inputs(hparams))
+        fit = F.cross_entropy(logits, distilled.targets(hparams))
+        return fit + support.l2_penalty(params, DECAY)
+
+    def val_loss(params, hparams, x, y):
+        return F.cross_entropy(apply(params, x), y)
+
+    def distilled_accuracy(params, hparams):
+        return support.accuracy(apply(params, distilled.inputs(hparams)), distilled.labels)
+
+    def real_accuracy(params, hparams, x, y):
+        return support.accuracy(apply(params, x), y)
+
+    loop = hyperopt.HyperOptimizer(
+        train_loss=train_loss,
+        val_loss=val_loss,
+        inner_optimizer=functools.partial(torch.optim.Adam, lr=0.05),
+        outer_optimizer=functools.partial(torch.optim.Adam, lr=args.hyper_lr),
+        inner_steps=args.inner_steps,
+        solver=implicitfn.CG(max_steps=100, rtol=1e-4),
+        train_metrics={"accuracy": distilled_accuracy},
+        val_metrics={"accuracy": real_accuracy},
+    )
+    noise = torch.rand(support.NUM_CLASSES, 64, generator=torch.Generator().manual_seed(args.seed))
+    state = loop.init(
+        params,
+        distilled.init(noise),
+        None,  # the training loss reads no batch
+        hyperopt.Minibatches(x, y, batch_size=args.batch_size, seed=args.seed),
+    )
+    history = loop.run(state, outer_steps=args.steps, progress=args.progress)
+
+    def test_accuracy_after_training_on(inputs, labels, description):
+        def loss(params):
+            return F.cross_entropy(apply(params, inputs), labels) + support.l2_penalty(
+                params, DECAY
+            )
+
+        trained = support.train_from_scratch(
+            loss, params, args.scratch_steps, 1e-2, description, args.progress
+        )
+        with torch.no_grad():
+            return float(support.accuracy(apply(trained, x_test), y_test))
+
+    classes = torch.arange(support.NUM_CLASSES)
+    first_of_each_class = torch.stack([torch.nonzero(y == c)[0, 0] for c in classes])
+    class_means = torch.stack([x[y == c].mean(dim=0) for c in classes])
+    learned = state.hparams
+    results = {
+        "10 learned images (this example)": test_accuracy_after_training_on(
+            distilled.inputs(learned), distilled.targets(learned), "learned images"
+        ),
+        "10 random noise images (the start)": test_accuracy_after_training_on(
+            noise, distilled.targets(learned), "noise"
+        ),
+        "1 real image per class": test_accuracy_after_training_on(
+            x[first_of_each_class], classes, "one real image per class"
+        ),
+        "10 class means": test_accuracy_after_training_on(class_means, classes, "class means"),
+        "all 1000 training images": test_accuracy_after_training_on(x, y, "all training images"),
+    }
+    print(
+        f"\nlogistic regression trained from scratch on ..., test accuracy ({len(x_test)} digits)"
+    )
+    for name, value in results.items():
+        print(f"  {name:36s} {value:.3f}")
+    learned_accuracy = results["10 learned images (this example)"]
+    support.report_target(
+        "test accuracy after training on the learned images", learned_accuracy, 0.93
+    )
+
+    figure = Figure(figsize=(11, 4.2), layout="constrained")
+    grid = figure.add_gridspec(2, 7)
+    for c in range(support.NUM_CLASSES):
+        axis = figure.add_subplot(grid[c // 5, c % 5])
+        axis.imshow(distilled.inputs(learned)[c].reshape(8, 8), cmap="gray_r")
+        axis.set_title(f"class {c}")
+        axis.set_axis_off()
+    curve = figure.add_subplot(grid[:, 5:])
+    curve.plot(history["step"], history["val_accuracy"], label="real-data batch accuracy")
+    curve.plot(history["step"], history["val_loss"], label="real-data batch cross-entropy")
+    curve.set_xlabel("hyper step")
+    curve.legend(fontsize="small")
+    figure.suptitle(
+        f"Learned images; a model trained on them alone: {learned_accuracy:.3f} test accuracy"
+    )
+    figure.savefig(args.plot, dpi=120)
+    print(f"\nplot saved to {args.plot}")
+
+
+if __name__ == "__main__":
+    main()

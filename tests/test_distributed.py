@@ -114,7 +114,7 @@ def averager(distributed, group=None):
     return average
 
 
-def newton(loss, params, hparams, x, y, average, steps=20):
+def newton(loss, params, hparams, x, y, average, steps=12):
     """Newton's method on the mean over ranks of `loss` (averaged gradient and Hessian)."""
     flat, unravel = implicitfn.tree_ravel(params)
     for _ in range(steps):

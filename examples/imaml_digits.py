@@ -44,8 +44,19 @@ from tqdm import tqdm  # noqa: E402
 import implicitfn  # noqa: E402
 
 TASK_DIMS = (None, 0, 0, 0, 0)  # meta-parameters shared by all tasks, task data batched
-POSITIVE_INTS = ("ways", "shots", "queries", "channels", "meta_steps", "meta_batch",
-                 "inner_steps", "cg_steps", "scratch_steps", "eval_tasks", "eval_every")
+POSITIVE_INTS = (
+    "ways",
+    "shots",
+    "queries",
+    "channels",
+    "meta_steps",
+    "meta_batch",
+    "inner_steps",
+    "cg_steps",
+    "scratch_steps",
+    "eval_tasks",
+    "eval_every",
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -57,8 +68,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--queries", type=int, default=10, help="query examples per class")
     add("--train-classes", default="0-5", help="digits for meta-training, e.g. '0-5' or '0,2,4'")
     add("--test-classes", default="6-9", help="digits for meta-testing")
-    add("--no-rotations", action="store_true",
-        help="do not add the rotated meta-training digits as extra classes")
+    add(
+        "--no-rotations",
+        action="store_true",
+        help="do not add the rotated meta-training digits as extra classes",
+    )
     add("--channels", type=int, default=8, help="filters of the 3x3 convolution")
     add("--meta-steps", type=int, default=300)
     add("--meta-batch", type=int, default=16, help="tasks per meta-gradient")
@@ -253,7 +267,13 @@ class IMAML:
         smooth = 2 * largest_curvature(self.support_loss, w, hparams, x, y) + lam
         root_kappa = torch.sqrt(smooth / lam)
         return accelerated_descent(
-            self.inner_loss, w, hparams, x, y, steps=self.inner_steps, lr=1 / smooth,
+            self.inner_loss,
+            w,
+            hparams,
+            x,
+            y,
+            steps=self.inner_steps,
+            lr=1 / smooth,
             momentum=(root_kappa - 1) / (root_kappa + 1),
         )
 
@@ -295,7 +315,9 @@ def scratch_accuracy(apply, inits, tasks, *, weight_decay, steps):
     1 / (2 L) with L the top Gauss-Newton eigenvalue at the initialisation), all tasks in one
     vmap. `inits` holds one initialisation per task (a TensorDict with a task dimension).
     """
-    loss = cross_entropy_loss(apply, lambda w, h, x, y: 0.5 * weight_decay * implicitfn.tree_vdot(w, w))
+    loss = cross_entropy_loss(
+        apply, lambda w, h, x, y: 0.5 * weight_decay * implicitfn.tree_vdot(w, w)
+    )
 
     def train_and_test(w, xs, ys, xq, yq):
         lr = 1 / (2 * largest_curvature(loss, w, None, xs, ys) + weight_decay)
@@ -340,10 +362,12 @@ def main(argv=None) -> dict:
         f"{args.test_classes}, {args.meta_batch} tasks per meta-step, "
         f"{torch.get_num_threads()} thread(s)"
     )
-    inits = torch.stack([
-        implicitfn.functional_model(make_net(args.channels, args.ways))[1]
-        for _ in range(args.eval_tasks)
-    ])
+    inits = torch.stack(
+        [
+            implicitfn.functional_model(make_net(args.channels, args.ways))[1]
+            for _ in range(args.eval_tasks)
+        ]
+    )
     scratch = scratch_accuracy(
         apply, inits, test_tasks, weight_decay=args.scratch_decay, steps=args.scratch_steps
     )
@@ -377,17 +401,25 @@ def main(argv=None) -> dict:
     after = history["test_acc"][-1]
     elapsed = time.perf_counter() - started
 
-    print(f"meta-test accuracy, {args.eval_tasks} tasks of unseen digits {args.test_classes} "
-          f"(chance {1 / args.ways:.2f}):")
+    print(
+        f"meta-test accuracy, {args.eval_tasks} tasks of unseen digits {args.test_classes} "
+        f"(chance {1 / args.ways:.2f}):"
+    )
     print(f"  trained from scratch ({args.scratch_steps} steps per task)  {scratch:.3f}")
     print(f"  implicit MAML, before meta-training         {before:.3f}")
     print(f"  implicit MAML, after {args.meta_steps:>4} meta-steps         {after:.3f}")
-    print(f"  meta-test accuracy during training: "
-          + " ".join(f"{a:.3f}" for a in history["test_acc"]))
+    print(
+        "  meta-test accuracy during training: " + " ".join(f"{a:.3f}" for a in history["test_acc"])
+    )
     print(f"  learned lam = {history['lam'][-1]:.3f}; total time {elapsed:.1f} s")
     plot(history, scratch, args)
-    return {"scratch": scratch, "before": before, "after": after, "lam": history["lam"][-1],
-            "seconds": elapsed}
+    return {
+        "scratch": scratch,
+        "before": before,
+        "after": after,
+        "lam": history["lam"][-1],
+        "seconds": elapsed,
+    }
 
 
 def plot(history, scratch, args) -> None:
@@ -395,15 +427,20 @@ def plot(history, scratch, args) -> None:
     train = torch.tensor(history["train_acc"])
     window = max(1, len(train) // 20)
     smooth = train.unfold(0, window, 1).mean(1)
-    ax_acc.plot(range(window, window + len(smooth)), smooth, color="0.6",
-                label=f"meta-train query (mean of {window})")
+    ax_acc.plot(
+        range(window, window + len(smooth)),
+        smooth,
+        color="0.6",
+        label=f"meta-train query (mean of {window})",
+    )
     ax_acc.plot(history["step"], history["test_acc"], "o-", label="meta-test query, implicit MAML")
     ax_acc.axhline(scratch, color="C3", linestyle="--", label="meta-test, from scratch")
     ax_acc.axhline(1 / args.ways, color="k", linestyle=":", label="chance")
-    ax_acc.set(xlabel="meta-step", ylabel="accuracy",
-               title=f"{args.ways}-way {args.shots}-shot digits")
+    ax_acc.set(
+        xlabel="meta-step", ylabel="accuracy", title=f"{args.ways}-way {args.shots}-shot digits"
+    )
     ax_acc.legend(fontsize=8)
-    ax_lam.plot(history["step"], history["lam"], "o-")
+    ax_lam.semilogy(history["step"], history["lam"], "o-")
     ax_lam.set(xlabel="meta-step", ylabel=r"$\lambda$", title="proximal strength (meta-learned)")
     fig.tight_layout()
     fig.savefig(args.plot, dpi=120)

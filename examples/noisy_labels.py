@@ -89,7 +89,7 @@ def main():
     progress = {"step": [], "test_accuracy": [], "auc": []}
 
     def evaluate(state, record):
-        if record["step"] % args.eval_every == 0 or record["step"] == args.steps:
+        if record["step"] in (1, args.steps) or record["step"] % args.eval_every == 0:
             with torch.no_grad():
                 test_accuracy = support.accuracy(apply(state.params, x_test), y_test)
             learned = weights.weights(state.hparams["weights"])

@@ -13,6 +13,7 @@ that many hyperparameters the validation set is fitted like a training set.
 from __future__ import annotations
 
 import functools
+import statistics
 
 import support
 import torch
@@ -62,7 +63,7 @@ def run(hidden, granularity, splits, args):
     test = {"step": [], "accuracy": [], "loss": []}
 
     def evaluate_on_test(state, record):
-        if record["step"] % args.eval_every == 0 or record["step"] == args.steps:
+        if record["step"] in (1, args.steps) or record["step"] % args.eval_every == 0:
             with torch.no_grad():
                 logits = apply(state.params, x_test)
             test["step"].append(record["step"])
@@ -103,18 +104,16 @@ def main():
         for granularity in ("per_weight", "global")
     ]
 
-    print(
-        f"\n{'model, decay':40s} {'val acc':>15s} {'test acc':>15s} {'val loss':>15s} "
-        f"{'test loss':>15s} {'median residual':>16s}"
-    )
+    def change(values):
+        return f"{values[0]:.3f} -> {values[-1]:.3f}"
+
+    print("\nfrom the first hyper step to the last:")
+    columns = ("val accuracy", "test accuracy", "val loss", "test loss")
+    print(f"{'model, decay':37s}" + "".join(f"{c:>16s}" for c in columns) + "  median residual")
     for name, history, test in results:
-        residuals = sorted(history["relative_residual"])
-        print(
-            f"{name:40s} {history['val_accuracy'][0]:6.3f} -> {history['val_accuracy'][-1]:5.3f} "
-            f"{test['accuracy'][0]:6.3f} -> {test['accuracy'][-1]:5.3f} "
-            f"{history['val_loss'][0]:6.3f} -> {history['val_loss'][-1]:5.3f} "
-            f"{test['loss'][0]:6.3f} -> {test['loss'][-1]:5.3f} {residuals[len(residuals) // 2]:16.3g}"
-        )
+        cells = (history["val_accuracy"], test["accuracy"], history["val_loss"], test["loss"])
+        residual = statistics.median(history["relative_residual"])
+        print(f"{name:37s}" + "".join(f"{change(c):>16s}" for c in cells) + f"  {residual:15.2g}")
 
     figure = Figure(figsize=(11, 7), layout="constrained")
     axes = figure.subplots(2, 2)

@@ -1,5 +1,6 @@
 """implicitfn: hypergradients by implicit differentiation, on torch.func."""
 
+from implicitfn._compile import Compile, CompileWarning
 from implicitfn._curvature import AbstractCurvature, CompositeLoss, GaussNewton, Hessian
 from implicitfn._distributed import all_reduce_gradients
 from implicitfn._functional import functional_model
@@ -41,6 +42,8 @@ __all__ = [
     "AbstractLinearSolver",
     "AbstractOptimalityCondition",
     "CG",
+    "Compile",
+    "CompileWarning",
     "CompositeLoss",
     "Dense",
     "FixedPoint",

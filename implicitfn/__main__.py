@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from implicitfn.compare import cli
-
 
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line and run the command; returns the exit status."""
@@ -22,6 +20,15 @@ def main(argv: list[str] | None = None) -> int:
         "solve, then run every linear solver x curvature x budget and unrolled differentiation, "
         "recording accuracy, the solver's report, time in gradient evaluations and peak memory.",
     )
+    try:
+        from implicitfn.compare import cli
+    except ModuleNotFoundError as missing:  # the comparison's extras are not core dependencies
+        print(
+            f"implicitfn compare needs {missing.name}: pip install 'implicitfn[examples]' "
+            "(scikit-learn, matplotlib, tqdm).",
+            file=sys.stderr,
+        )
+        return 2
     cli.add_arguments(compare)
     args = parser.parse_args(argv)
     return cli.run_command(args, compare)

@@ -17,12 +17,20 @@ import torch
 import torch.utils._pytree as pytree
 from torch.func import grad
 
+from implicitfn import _compile
 from implicitfn._curvature import AbstractCurvature, GaussNewton, Hessian, scalar_loss
 from implicitfn._distributed import DataParallel, data_parallel
 from implicitfn._linear_solve import CG, AbstractLinearSolver, ResamplingOperator
-from implicitfn._operator import AbstractLinearOperator, damp
+from implicitfn._operator import (
+    SYMMETRIC,
+    AbstractLinearOperator,
+    FunctionLinearOperator,
+    RaveledOperator,
+    damp,
+)
 from implicitfn._optimality import (
     AbstractOptimalityCondition,
+    linearize_reverse,
     mixed_product,
     on_leaves,
     stationarity,
@@ -34,7 +42,17 @@ from implicitfn._solution import (
     all_finite,
     concrete,
 )
-from implicitfn._tree import Tree, describe, leaves, same_structure, tree_add, tree_map
+from implicitfn._tree import (
+    Tree,
+    can_ravel,
+    describe,
+    leaves,
+    ravel_leaves,
+    same_structure,
+    tree_add,
+    tree_map,
+    unravel_leaves,
+)
 
 __all__ = ["hypergradient", "implicit_diff"]
 
@@ -53,6 +71,7 @@ class _Backward:
     callback: Callable[[SolveInfo], Any] | None
     memory: _WarmStart | None = dataclasses.field(default=None, compare=False, repr=False)
     distributed: DataParallel | None = None  # average over ranks (data sharded across them)
+    compile: _compile.Compile | None = None  # see _compile: what is compiled, and the fallback
 
     def __post_init__(self) -> None:
         if not isinstance(self.condition, AbstractOptimalityCondition):
@@ -89,11 +108,39 @@ class _Backward:
                 "root(F, symmetric=True) if dF/dw really is symmetric."
             )
         self.condition.check_curvature(self.curvature)
+        _compile.check(self.compile, self.solver, self.distributed is not None)
 
     def solve(
         self, params: Tree, hparams: Tree, args: Sequence[Any], rhs: Tree, *, transpose: bool
     ) -> Tree:
         """Solve $A^\\top v = $ `rhs` (or $A v = $ `rhs`), report, and check the outcome."""
+        return self._solve(params, hparams, args, rhs, transpose=transpose)[0]
+
+    def reverse(
+        self, params: Tree, hparams: Tree, args: Sequence[Any], rhs: Tree, selected: list[bool]
+    ) -> list[Any]:
+        """The reverse pass: $-B^\\top v$ with $A^\\top v = $ `rhs`, for the `selected` leaves of
+        `(hparams, args)` (None elsewhere), as `mixed_product` returns it."""
+        adjoint, products = self._solve(
+            params, hparams, args, rhs, transpose=True, selected=selected
+        )
+        if products is not None:
+            return products
+        negative = tree_map(torch.neg, adjoint)
+        return _compile.cross_product(self, params, hparams, args, selected, negative)
+
+    def _solve(
+        self,
+        params: Tree,
+        hparams: Tree,
+        args: Sequence[Any],
+        rhs: Tree,
+        *,
+        transpose: bool,
+        selected: list[bool] | None = None,
+    ) -> tuple[Tree, list[Any] | None]:
+        """`(solution, products)`: with `selected` (reverse mode), the eager path also returns
+        $-B^\\top v$, from the same linearisation as the solve where the curvature allows."""
         if self.distributed is not None:  # then every vector a solver sees is the same on all ranks
             rhs = self.distributed.mean(rhs)
         condition, spec = self.condition, None
@@ -101,22 +148,67 @@ class _Backward:
         if flat is not None and isinstance(self.curvature, (Hessian, GaussNewton)):
             condition, spec = flat, pytree.tree_structure(params)
             params, rhs = leaves(params), leaves(rhs)
+        compiled = _compile.scope(self.compile, self.solver, self.distributed is not None)
+        # Eagerly the solver iterates on one flat vector: a few single-tensor kernels per step.
+        shapes = None
+        if spec is not None and compiled is None and can_ravel([*params, *leaves(rhs)]):
+            shapes = tuple(p.shape for p in params)
+            rhs = ravel_leaves(rhs)
+        # One linearisation for A^T u and B^T u (exact Hessian, reverse mode).
+        joint = None
+        if (
+            selected is not None
+            and transpose
+            and spec is not None
+            and compiled is None
+            and type(self.curvature) is Hessian
+            and self.curvature.mode == "reverse-over-reverse"
+        ):
+            joint = linearize_reverse(condition, params, hparams, args, selected)
 
-        def linearize(*batch: Any) -> AbstractLinearOperator:
-            operator = condition.linearize(self.curvature, params, hparams, *batch)
+        def finish(operator: AbstractLinearOperator, transposed: bool) -> AbstractLinearOperator:
+            if shapes is not None:
+                operator = RaveledOperator(operator, shapes, rhs)
             if self.distributed is not None:  # each product averaged over ranks
                 operator = self.distributed.operator(operator)
             operator = damp(operator, self.damping)
-            return operator.transpose() if transpose else operator
+            return operator.transpose() if transpose and not transposed else operator
 
-        # The operator on other data is offered to every solver; StochasticNeumann uses it.
-        operator = ResamplingOperator(linearize(*args), linearize)
+        def linearize(*batch: Any) -> AbstractLinearOperator:
+            if compiled == "product":
+                return finish(_compile.linearize(self, spec, params, hparams, batch), False)
+            return finish(condition.linearize(self.curvature, params, hparams, *batch), False)
+
+        if joint is not None:
+            tags = {SYMMETRIC} if condition.symmetric else set()
+            main = finish(FunctionLinearOperator(joint[0], params, tags=tags), True)
+        else:
+            main = None
+
         initial = None if self.memory is None else self.memory.initial(transpose, rhs)
-        solution, info = self.solver.solve(operator, rhs, initial)
+        solved = None
+        if compiled == "solve":  # None when it fell back to eager
+            solved = _compile.solve(self, spec, transpose, params, hparams, args, rhs, initial)
+        if solved is None:
+            # The operator on other data is offered to every solver; StochasticNeumann uses it.
+            operator = ResamplingOperator(linearize(*args) if main is None else main, linearize)
+            solved = self.solver.solve(operator, rhs, initial)
+        solution, info = solved
         self.report(info, solution)
         if self.memory is not None:
             self.memory.remember(transpose, solution, info)
-        return solution if spec is None else pytree.tree_unflatten(solution, spec)
+        if shapes is not None:
+            solution = unravel_leaves(solution, shapes)
+        products = None
+        if selected is not None and compiled is None and spec is not None:
+            negative = [torch.neg(t) for t in solution]
+            if joint is not None:
+                products = joint[1](negative)
+            else:
+                products = mixed_product(
+                    condition, params, hparams, args, selected, cotangent=negative
+                )
+        return (solution if spec is None else pytree.tree_unflatten(solution, spec)), products
 
     def report(self, info: SolveInfo, solution: Tree) -> None:
         if self.callback is not None:
@@ -216,12 +308,8 @@ class _ImplicitBoundary(torch.autograd.Function):
             return none
         solution, hparams, args = layout.rebuild(tensors)
         cotangent = pytree.tree_unflatten(list(solution_cotangents), layout.solution_spec)
-        adjoint = layout.backward.solve(solution, hparams, args, cotangent, transpose=True)
         selected = _select(layout.constants, wanted)
-        negative = tree_map(torch.neg, adjoint)
-        products = mixed_product(
-            layout.backward.condition, solution, hparams, args, selected, cotangent=negative
-        )
+        products = layout.backward.reverse(solution, hparams, args, cotangent, selected)
         if layout.backward.distributed is not None:
             products = layout.backward.distributed.input_gradients(products, len(leaves(hparams)))
         input_grads = [g for g, c in zip(products, layout.constants, strict=True) if c is None]
@@ -309,6 +397,7 @@ def implicit_diff(
     callback: Callable[[SolveInfo], Any] | None = None,
     warm_start: bool = False,
     distributed: bool | torch.distributed.ProcessGroup = False,
+    compile: bool | str | _compile.Compile = False,
 ) -> Callable[[Callable[..., Tree]], Callable[..., Tree]]:
     r"""Give an inner solver implicit derivatives with respect to its hyperparameters and data.
 
@@ -351,6 +440,13 @@ def implicit_diff(
       `*args` tensor gets this rank's block of it. The direct part
       $\partial L_V/\partial\lambda$ of your own validation loss stays local: average it with
       [`all_reduce_gradients`][implicitfn.all_reduce_gradients]. See the "Distributed" page.
+    - `compile`: compile the backward pass with `torch.compile`: `False` (default), `True`, a
+      mode such as `"reduce-overhead"`, or [`Compile`][implicitfn.Compile]`(...)`. With a
+      fixed-step solver (e.g. `CG(max_steps=10, rtol=None)`) the whole solve is one compiled
+      graph, otherwise each curvature product is; the mixed product is compiled too. Compiled
+      once per problem shape and reused by later calls; anything that cannot be compiled runs
+      eagerly after one [`CompileWarning`][implicitfn.CompileWarning]. Worth it over many outer
+      steps: see the "Compiled hypergradients" page.
 
     **Returns:** a decorator.
 
@@ -379,6 +475,7 @@ def implicit_diff(
         on_failure,
         callback,
         distributed=data_parallel(distributed),
+        compile=_compile.as_compile(compile),
     )
     if not isinstance(warm_start, bool):
         raise TypeError(f"warm_start: expected a bool, got {type(warm_start).__name__}.")
@@ -444,6 +541,7 @@ def hypergradient(
     damping: float = 0.0,
     on_failure: OnFailure = "raise",
     distributed: bool | torch.distributed.ProcessGroup = False,
+    compile: bool | str | _compile.Compile = False,
 ) -> tuple[Tree, SolveInfo]:
     r"""The hypergradient $\frac{dL_V}{d\lambda} = \frac{\partial L_V}{\partial\lambda} - B^\top v$, $A^\top v = \frac{\partial L_V}{\partial w}$, in one call.
 
@@ -461,6 +559,9 @@ def hypergradient(
     - `distributed`: as in [`implicit_diff`][implicitfn.implicit_diff], with `inner_args` and
       `outer_args` this rank's shards; the returned hypergradient, direct part included, is
       the one of all the data, the same on every rank.
+    - `compile`: as in [`implicit_diff`][implicitfn.implicit_diff]; the gradient of
+      `outer_loss` is compiled too. Compiled artefacts are kept between calls, so an outer loop
+      that passes the same functions and shapes compiles once.
 
     **Returns:** `(hypergradient, info)`: a tree with the structure of `hparams` and the
     [`SolveInfo`][implicitfn.SolveInfo] of the backward solve.
@@ -479,8 +580,16 @@ def hypergradient(
     condition = inner if isinstance(inner, AbstractOptimalityCondition) else stationarity(inner)
     infos: list[SolveInfo] = []
     reduction = data_parallel(distributed)
+    options = _compile.as_compile(compile)
     backward = _Backward(
-        condition, solver, curvature, damping, on_failure, infos.append, distributed=reduction
+        condition,
+        solver,
+        curvature,
+        damping,
+        on_failure,
+        infos.append,
+        distributed=reduction,
+        compile=options,
     )
     _check_tree(params, "params")
     _check_tree(hparams, "hparams")
@@ -489,20 +598,15 @@ def hypergradient(
     _check_args_finite(tuple(inner_args))
     if reduction is not None:
         reduction.check()
-    direct_w, direct_h = grad(scalar_loss(outer_loss, "outer_loss"), argnums=(0, 1))(
-        params, hparams, *outer_args
-    )
-    adjoint = backward.solve(params, hparams, tuple(inner_args), direct_w, transpose=True)
+
+    def direct(p: Tree, h: Tree, a: tuple[Any, ...]) -> tuple[Tree, Tree]:
+        return grad(scalar_loss(outer_loss, "outer_loss"), argnums=(0, 1))(p, h, *a)
+
+    outer = (params, hparams, tuple(outer_args))
+    direct_w, direct_h = _compile.call(options, ("outer", outer_loss), direct, *outer)
     flat, spec = pytree.tree_flatten((hparams, tuple(inner_args)))
     selected = [i < len(leaves(hparams)) for i in range(len(flat))]
-    products = mixed_product(
-        condition,
-        params,
-        hparams,
-        tuple(inner_args),
-        selected,
-        cotangent=tree_map(torch.neg, adjoint),
-    )
+    products = backward.reverse(params, hparams, tuple(inner_args), direct_w, selected)
     implicit, _ = pytree.tree_unflatten(products, spec)
     total = tree_add(direct_h, implicit)
     # Direct and implicit parts averaged over ranks together: one all-reduce.

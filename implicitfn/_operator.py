@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from implicitfn._tree import Tree, tree_axpy, tree_ravel
+from implicitfn._tree import Tree, ravel_leaves, tree_axpy, tree_ravel, unravel_leaves
 
 __all__ = [
     "AbstractLinearOperator",
@@ -149,6 +149,35 @@ class DampedLinearOperator(AbstractLinearOperator):
 
     def transpose(self) -> AbstractLinearOperator:
         return DampedLinearOperator(self.operator.transpose(), self.damping)
+
+
+@dataclasses.dataclass(frozen=True)
+class RaveledOperator(AbstractLinearOperator):
+    r"""An operator on lists of tensors, applied to their concatenation: one flat vector.
+
+    The backward pass solves on it, so that every solver step is a handful of single-tensor
+    kernels (a dot product, a fused $\alpha x + y$) instead of one kernel per leaf and a tree
+    walk per operation. The leaves must share a dtype and a device (`_tree.can_ravel`).
+    """
+
+    operator: AbstractLinearOperator
+    shapes: tuple[torch.Size, ...]
+    template: torch.Tensor  # type: ignore[misc]
+
+    @property
+    def tags(self) -> frozenset[str]:  # type: ignore[override]
+        return self.operator.tags
+
+    def mv(self, vector: Tree) -> Tree:
+        return ravel_leaves(self.operator.mv(unravel_leaves(vector, self.shapes)))
+
+    def transpose(self) -> AbstractLinearOperator:
+        transposed = self.operator.transpose()
+        return (
+            self
+            if transposed is self.operator
+            else RaveledOperator(transposed, self.shapes, self.template)
+        )
 
 
 def damp(operator: AbstractLinearOperator, damping: float) -> AbstractLinearOperator:

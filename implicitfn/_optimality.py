@@ -19,7 +19,8 @@ from implicitfn._curvature import (
     scalar_loss,
 )
 from implicitfn._operator import AbstractLinearOperator
-from implicitfn._tree import Tree, tree_sub
+from implicitfn._solution import under_transform
+from implicitfn._tree import Tree, leaves, tree_sub
 
 __all__ = [
     "AbstractOptimalityCondition",
@@ -230,6 +231,33 @@ def on_leaves(
     return None
 
 
+def _selected_inputs(
+    condition: AbstractOptimalityCondition,
+    hparams: Tree,
+    args: Sequence[Any],
+    selected: Sequence[bool],
+) -> tuple[Callable[..., Tree], list[Any], list[int]]:
+    """`(F(w, *chosen), leaves of (hparams, args), positions of the chosen leaves)`."""
+    flat, spec = pytree.tree_flatten((hparams, tuple(args)))
+    positions = [i for i, chosen in enumerate(selected) if chosen]
+
+    def of_params_and_chosen(params: Tree, *chosen: torch.Tensor) -> Tree:
+        full = list(flat)
+        for i, value in zip(positions, chosen, strict=True):
+            full[i] = value
+        h, a = pytree.tree_unflatten(full, spec)
+        return condition.residual(params, h, *a)
+
+    return of_params_and_chosen, flat, positions
+
+
+def _scatter(values: Sequence[Any], positions: Sequence[int], size: int) -> list[Any]:
+    result: list[Any] = [None] * size
+    for i, value in zip(positions, values, strict=True):
+        result[i] = value
+    return result
+
+
 def mixed_product(
     condition: AbstractOptimalityCondition,
     params: Tree,
@@ -246,25 +274,79 @@ def mixed_product(
     ones to differentiate. With `cotangent` $u$ it returns the list $B^\top u$ (None where not
     selected); with `tangents` it returns the tree $B\,\dot\lambda$.
     """
-    flat, spec = pytree.tree_flatten((hparams, tuple(args)))
-    positions = [i for i, chosen in enumerate(selected) if chosen]
+    function, flat, positions = _selected_inputs(condition, hparams, args, selected)
 
     def of_selected(*chosen: torch.Tensor) -> Tree:
-        full = list(flat)
-        for i, value in zip(positions, chosen, strict=True):
-            full[i] = value
-        h, a = pytree.tree_unflatten(full, spec)
-        return condition.residual(params, h, *a)
+        return function(params, *chosen)
 
     primals = tuple(flat[i] for i in positions)
     if cotangent is not None:
         _, pullback = vjp(of_selected, *primals)
-        result: list[torch.Tensor | None] = [None] * len(flat)
-        for i, value in zip(positions, pullback(cotangent), strict=True):
-            result[i] = value
-        return result
+        return _scatter(pullback(cotangent), positions, len(flat))
     assert tangents is not None
     return jvp(of_selected, primals, tuple(tangents[i] for i in positions))[1]
+
+
+def linearize_reverse(
+    condition: AbstractOptimalityCondition,
+    params: Tree,
+    hparams: Tree,
+    args: Sequence[Any],
+    selected: Sequence[bool],
+) -> tuple[Callable[[Tree], Tree], Callable[[Tree], list[Any]]]:
+    r"""$u \mapsto A^\top u$ and $u \mapsto B^\top u$ from one linearisation of $F$ in $(w, \lambda)$.
+
+    The exact (reverse-over-reverse) reverse pass needs both products of the same Jacobian;
+    linearising $F$ once instead of once per product type saves one evaluation of $F$ (for
+    stationarity, one gradient) per hypergradient. `selected` marks the leaves of
+    `pytree.tree_flatten((hparams, tuple(args)))` that $B^\top u$ is wanted for; it returns
+    them as `mixed_product` does.
+
+    Eagerly, when no input carries an outer graph that the result must stay connected to, $F$
+    is recorded with plain autograd and each product asks only for the cotangents it needs:
+    $A^\top u$ skips the $\lambda$ branch and $B^\top u$ costs a fraction of a product (the
+    engine prunes what it does not need). Under `torch.func` transforms, or with an outer graph
+    (higher-order derivatives), one `torch.func.vjp` in $(w, \lambda)$ serves both, and every
+    $A^\top u$ also computes the (discarded) $B^\top u$: measured +4% per product on an MLP.
+    """
+    function, flat, positions = _selected_inputs(condition, hparams, args, selected)
+    primals = [flat[i] for i in positions]
+    inputs = [*leaves(params), *primals]
+    if under_transform() or (torch.is_grad_enabled() and any(t.requires_grad for t in inputs)):
+        _, pullback = vjp(function, params, *primals)
+        return (
+            lambda u: pullback(u)[0],
+            lambda u: _scatter(pullback(u)[1:], positions, len(flat)),
+        )
+
+    spec = pytree.tree_structure(params)
+    with torch.enable_grad():
+        params_leaves = [t.detach().requires_grad_() for t in leaves(params)]
+        chosen = [t.detach().requires_grad_() for t in primals]
+        residual = leaves(function(pytree.tree_unflatten(params_leaves, spec), *chosen))
+    outputs = [r for r in residual if r.requires_grad]
+
+    def pull(u: Tree, wrt: list[torch.Tensor]) -> list[torch.Tensor]:
+        if not wrt:
+            return []
+        if not outputs:  # F does not depend on any input: the products are zero
+            return [torch.zeros_like(t) for t in wrt]
+        cotangents = [c for c, r in zip(leaves(u), residual, strict=True) if r.requires_grad]
+        return list(
+            torch.autograd.grad(
+                outputs,
+                wrt,
+                cotangents,
+                retain_graph=True,
+                allow_unused=True,
+                materialize_grads=True,
+            )
+        )
+
+    return (
+        lambda u: pytree.tree_unflatten(pull(u, params_leaves), spec),
+        lambda u: _scatter(pull(u, chosen), positions, len(flat)),
+    )
 
 
 def cross_vjp(

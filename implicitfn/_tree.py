@@ -7,6 +7,7 @@ are taken apart with `torch.utils._pytree`, on which tensordict registers `Tenso
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -32,6 +33,28 @@ def leaves(tree: Tree) -> list[torch.Tensor]:
 
 def tree_map(fn: Callable, tree: Tree, *rest: Tree) -> Tree:
     return pytree.tree_map(fn, tree, *rest)
+
+
+def ravel_leaves(flat: list[torch.Tensor]) -> torch.Tensor:
+    """The leaves concatenated into one vector (they must share a dtype and a device)."""
+    return torch.cat([leaf.reshape(-1) for leaf in flat])
+
+
+def unravel_leaves(vector: torch.Tensor, shapes: tuple[torch.Size, ...]) -> list[torch.Tensor]:
+    """Undo `ravel_leaves`: views of `vector` with the given shapes."""
+    pieces = torch.split(vector, [math.prod(shape) for shape in shapes])
+    return [piece.view(shape) for piece, shape in zip(pieces, shapes, strict=True)]
+
+
+def can_ravel(flat: list[Any]) -> bool:
+    """Whether `ravel_leaves` applies: tensors of one floating dtype on one device."""
+    return bool(flat) and all(
+        isinstance(leaf, torch.Tensor)
+        and leaf.dtype == flat[0].dtype
+        and leaf.device == flat[0].device
+        and leaf.is_floating_point()
+        for leaf in flat
+    )
 
 
 def tree_where(condition: torch.Tensor, if_true: Tree, if_false: Tree) -> Tree:
@@ -75,8 +98,16 @@ def tree_vdot(a: Tree, b: Tree) -> torch.Tensor:
     tensor(7.)
     ```
     """
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):  # fast path: one flat vector
+        return _dot(a, b)
     pairs = zip(leaves(a), leaves(b), strict=True)
-    return torch.stack([torch.sum(x * y) for x, y in pairs]).sum()
+    return torch.stack([_dot(x, y) for x, y in pairs]).sum()
+
+
+def _dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    if x.dtype == y.dtype and not x.is_complex():  # one kernel, no temporary
+        return torch.dot(x.reshape(-1), y.reshape(-1))
+    return torch.sum(x * y)
 
 
 def tree_norm(tree: Tree) -> torch.Tensor:
@@ -113,18 +144,35 @@ def tree_axpy(alpha: torch.Tensor | float, x: Tree, y: Tree) -> Tree:
     {'w': tensor([2., 2.])}
     ```
     """
-    return pytree.tree_map(lambda a, b: alpha * a + b, x, y)
+    if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor):
+        return _axpy(alpha, x, y)
+    return pytree.tree_map(functools.partial(_axpy, alpha), x, y)
+
+
+def _axpy(alpha: torch.Tensor | float, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    # One fused kernel instead of a product and a sum (a 0-dim `alpha` broadcasts).
+    if isinstance(alpha, torch.Tensor):
+        return torch.addcmul(b, alpha, a)
+    if isinstance(alpha, (int, float)) and not isinstance(alpha, bool):
+        return torch.add(b, a, alpha=alpha)
+    return alpha * a + b
 
 
 def tree_scale(alpha: torch.Tensor | float, x: Tree) -> Tree:
+    if isinstance(x, torch.Tensor):
+        return alpha * x
     return pytree.tree_map(lambda a: alpha * a, x)
 
 
 def tree_sub(x: Tree, y: Tree) -> Tree:
+    if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor):
+        return torch.sub(x, y)
     return pytree.tree_map(torch.sub, x, y)
 
 
 def tree_add(x: Tree, y: Tree) -> Tree:
+    if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor):
+        return torch.add(x, y)
     return pytree.tree_map(torch.add, x, y)
 
 

@@ -28,7 +28,7 @@ def unrolled_hypergradient(
     inner_args: Sequence[Any] = (),
     outer_args: Sequence[Any] = (),
 ) -> tuple[Tree, Tree]:
-    r"""The hypergradient of $L_V(w_k(\lambda), \lambda)$ by reverse-mode differentiation through $k$ unrolled steps.
+    r"""Differentiate $L_V(w_k(\lambda), \lambda)$ in reverse mode through $k$ unrolled inner steps.
 
     Iterative differentiation (ITD; Grazzi et al., ICML 2020): run $k$ steps of gradient descent
     (heavy-ball momentum $\beta$ when `momentum > 0`, as in `torch.optim.SGD`) on the training
@@ -54,8 +54,11 @@ def unrolled_hypergradient(
     - `params`: $w_0$, the starting point (TensorDict, dict or tensor); not modified.
     - `hparams`: $\lambda$ (TensorDict, dict or tensor); not modified.
     - `steps`: $k \ge 1$, the number of unrolled steps.
-    - `learning_rate`: $\eta > 0$. Gradient descent diverges when $\eta \ge 2/\lambda_{\max}$ of the
-      Hessian; a result with NaN/Inf raises `FloatingPointError`.
+    - `learning_rate`: $\eta > 0$. Gradient descent, and with it the derivative, diverges when
+      $\eta \ge 2/\lambda_{\max}$ of the Hessian; a result with NaN/Inf raises
+      `FloatingPointError`. A derivative that grows but stays finite cannot be detected here:
+      started at $w^*$ the iterates do not move ($\nabla_w L_T = 0$) while the derivative grows
+      like $|1 - \eta\lambda_{\max}|^k$. Unlike the implicit solvers there is no residual to check.
     - `momentum`: $\beta \in [0, 1)$.
     - `inner_args`, `outer_args`: the extra arguments of the two losses (not differentiated).
 

@@ -24,7 +24,9 @@ def tiny_problem(seed=0):
     gen = torch.Generator().manual_seed(seed)
     scales = torch.logspace(0, 1.5, 6, dtype=torch.float64)
     x = torch.randn(40, 6, generator=gen, dtype=torch.float64) * scales
-    y = x @ torch.randn(6, generator=gen, dtype=torch.float64) + torch.randn(40, generator=gen, dtype=torch.float64)
+    y = x @ torch.randn(6, generator=gen, dtype=torch.float64) + torch.randn(
+        40, generator=gen, dtype=torch.float64
+    )
     x_val = torch.randn(30, 6, generator=gen, dtype=torch.float64) * scales
     y_val = torch.randn(30, generator=gen, dtype=torch.float64)
     loss = implicitfn.CompositeLoss(
@@ -64,7 +66,9 @@ def test_every_method_and_curvature_runs(comparison):
         else:
             assert {(name, "Hessian"), (name, "GaussNewton")} <= ran
     # A newly added solver that cannot be configured from its fields shows up here.
-    assert [(r.method, r.message) for r in comparison.records if r.status in ("skipped", "error")] == []
+    assert [
+        (r.method, r.message) for r in comparison.records if r.status in ("skipped", "error")
+    ] == []
 
 
 def test_dense_entry_matches_the_reference(comparison):
@@ -74,7 +78,10 @@ def test_dense_entry_matches_the_reference(comparison):
         assert dense.relative_error < 1e-10
         assert dense.cosine == pytest.approx(1.0, abs=1e-12)
     assert comparison.reference["dense_relative_residual"] < 1e-12
-    assert comparison.reference["inner_converged"] and comparison.reference["hessian_positive_definite"]
+    assert (
+        comparison.reference["inner_converged"]
+        and comparison.reference["hessian_positive_definite"]
+    )
 
 
 def test_eigenvalue_estimates_match_the_spectrum(comparison):
@@ -85,7 +92,9 @@ def test_eigenvalue_estimates_match_the_spectrum(comparison):
     reference = comparison.reference
     assert reference["hessian_eigenvalue_max"] == pytest.approx(float(eigenvalues[-1]), rel=1e-6)
     assert reference["hessian_eigenvalue_min"] == pytest.approx(float(eigenvalues[0]), rel=1e-6)
-    assert reference["unrolled_learning_rate"] == pytest.approx(1 / float(eigenvalues[-1]), rel=1e-6)
+    assert reference["unrolled_learning_rate"] == pytest.approx(
+        1 / float(eigenvalues[-1]), rel=1e-6
+    )
 
 
 def test_cg_converges_with_enough_steps_and_errors_shrink(comparison):
@@ -113,14 +122,32 @@ def test_json_table_and_plot_are_written(comparison, tmp_path):
     paths = write_outputs(comparison, tmp_path / "out")
     data = json.loads(paths["json"].read_text())
     assert set(data) == {"problem", "environment", "config", "reference", "records"}
-    assert data["problem"] == {"name": "tiny-ridge", "description": "", "num_params": 6, "num_hparams": 6}
+    assert data["problem"] == {
+        "name": "tiny-ridge",
+        "description": "",
+        "num_params": 6,
+        "num_hparams": 6,
+    }
     assert {"torch", "dtype", "device", "threads", "memory_method"} <= set(data["environment"])
-    assert {"grad_eval_s", "time_s", "condition_number", "inner_gradient_norm"} <= set(data["reference"])
+    assert {"grad_eval_s", "time_s", "condition_number", "inner_gradient_norm"} <= set(
+        data["reference"]
+    )
     assert data["config"]["steps"] == [1, 3, 50]
     fields = {
-        "method", "curvature", "steps", "solver", "status", "cosine", "relative_error",
-        "relative_residual", "converged", "num_steps", "time_s", "time_grad_evals",
-        "peak_memory_bytes", "message",
+        "method",
+        "curvature",
+        "steps",
+        "solver",
+        "status",
+        "cosine",
+        "relative_error",
+        "relative_residual",
+        "converged",
+        "num_steps",
+        "time_s",
+        "time_grad_evals",
+        "peak_memory_bytes",
+        "message",
     }
     assert all(set(record) == fields for record in data["records"])
     assert len(data["records"]) == len(comparison.records)
@@ -130,17 +157,28 @@ def test_json_table_and_plot_are_written(comparison, tmp_path):
 
 
 def test_same_seed_same_table():
-    config = CompareConfig(steps=(2,), solvers=("CG", "Nystrom", "Unrolled"), repeats=1, memory=False,
-                           progress=False)
+    config = CompareConfig(
+        steps=(2,), solvers=("CG", "Nystrom", "Unrolled"), repeats=1, memory=False, progress=False
+    )
     first, second = (run(tiny_problem(), config) for _ in range(2))
     strip = ("time_s", "time_grad_evals")
-    rows = [[{k: v for k, v in vars(r).items() if k not in strip} for r in c.records] for c in (first, second)]
+    rows = [
+        [{k: v for k, v in vars(r).items() if k not in strip} for r in c.records]
+        for c in (first, second)
+    ]
     assert rows[0] == rows[1]
 
 
 def test_unrolled_equals_neumann_with_one_term_less_at_the_same_step():
-    config = CompareConfig(steps=(2, 5, 6), solvers=("Neumann", "Unrolled"), curvatures=("Hessian",),
-                           alpha=1e-3, repeats=1, memory=False, progress=False)
+    config = CompareConfig(
+        steps=(2, 5, 6),
+        solvers=("Neumann", "Unrolled"),
+        curvatures=("Hessian",),
+        alpha=1e-3,
+        repeats=1,
+        memory=False,
+        progress=False,
+    )
     comparison = run(tiny_problem(), config)
     neumann = {r.steps: r.relative_error for r in records_of(comparison, "Neumann")}
     unrolled = {r.steps: r.relative_error for r in records_of(comparison, "Unrolled", None)}
@@ -148,8 +186,15 @@ def test_unrolled_equals_neumann_with_one_term_less_at_the_same_step():
 
 
 def test_too_large_a_step_is_reported_not_hidden():
-    config = CompareConfig(steps=(20,), solvers=("Neumann",), curvatures=("Hessian",), alpha=1.0,
-                           repeats=1, memory=False, progress=False)
+    config = CompareConfig(
+        steps=(20,),
+        solvers=("Neumann",),
+        curvatures=("Hessian",),
+        alpha=1.0,
+        repeats=1,
+        memory=False,
+        progress=False,
+    )
     (record,) = run(tiny_problem(), config).records  # alpha * lambda_max ~ 1e3
     assert record.converged is False and record.status in ("not converged", "diverged")
     assert record.status == "diverged" or record.relative_residual > 1
@@ -157,12 +202,23 @@ def test_too_large_a_step_is_reported_not_hidden():
 
 def test_gauss_newton_is_skipped_for_a_plain_loss():
     problem = tiny_problem()
-    plain = Problem("plain", lambda p, h, x, y: problem.train_loss(p, h, x, y), problem.outer_loss,
-                    problem.params, problem.hparams, problem.inner_args, problem.outer_args)
-    config = CompareConfig(steps=(2,), solvers=("CG", "StochasticNeumann"), repeats=1, memory=False,
-                           progress=False)
+    plain = Problem(
+        "plain",
+        lambda p, h, x, y: problem.train_loss(p, h, x, y),
+        problem.outer_loss,
+        problem.params,
+        problem.hparams,
+        problem.inner_args,
+        problem.outer_args,
+    )
+    config = CompareConfig(
+        steps=(2,), solvers=("CG", "StochasticNeumann"), repeats=1, memory=False, progress=False
+    )
     statuses = {(r.method, r.curvature): (r.status, r.message) for r in run(plain, config).records}
-    assert statuses[("CG", "GaussNewton")] == ("skipped", "the training loss is not an implicitfn.CompositeLoss")
+    assert statuses[("CG", "GaussNewton")] == (
+        "skipped",
+        "the training loss is not an implicitfn.CompositeLoss",
+    )
     assert statuses[("CG", "Hessian")][0] == "not converged"  # ran: 2 steps are too few
     assert statuses[("StochasticNeumann", "Hessian")][0] == "skipped"
     assert "no minibatches" in statuses[("StochasticNeumann", "Hessian")][1]
@@ -171,8 +227,14 @@ def test_gauss_newton_is_skipped_for_a_plain_loss():
 @pytest.mark.parametrize(
     "overrides, match",
     [
-        ({"solvers": ("CG", "Bogus")}, r"solvers: unknown name\(s\) \['Bogus'\]; choose from \['CG'"),
-        ({"curvatures": ("Fisher",)}, r"curvatures: unknown name\(s\) \['Fisher'\]; choose from \['Hessian', 'GaussNewton'\]"),
+        (
+            {"solvers": ("CG", "Bogus")},
+            r"solvers: unknown name\(s\) \['Bogus'\]; choose from \['CG'",
+        ),
+        (
+            {"curvatures": ("Fisher",)},
+            r"curvatures: unknown name\(s\) \['Fisher'\]; choose from \['Hessian', 'GaussNewton'\]",
+        ),
         ({"steps": (0, 5)}, "steps: expected positive ints"),
         ({"alpha": -1.0}, "alpha: expected 'auto' or a float > 0"),
         ({"repeats": 0}, "repeats: expected an int >= 1"),
@@ -184,13 +246,17 @@ def test_config_rejects_bad_values(overrides, match):
 
 
 def test_config_accepts_names_in_any_case():
-    config = CompareConfig(solvers=("cg", "CG", "unrolled", "cg-JACOBI"), curvatures=("gauss-newton",))
+    config = CompareConfig(
+        solvers=("cg", "CG", "unrolled", "cg-JACOBI"), curvatures=("gauss-newton",)
+    )
     assert config.solvers == ("CG", "Unrolled", "CG-jacobi")
     assert config.curvatures == ("GaussNewton",)
 
 
 def test_problem_and_make_problem_check_their_arguments():
-    with pytest.raises(ValueError, match=r"problem: unknown name 'mnist'; choose one of \['logreg'"):
+    with pytest.raises(
+        ValueError, match=r"problem: unknown name 'mnist'; choose one of \['logreg'"
+    ):
         make_problem("mnist")
     with pytest.raises(TypeError, match="params: expected a TensorDict, dict or tensor"):
         Problem("p", lambda p, h: p.sum(), lambda p, h: p.sum(), [1.0], torch.ones(1))
@@ -200,9 +266,16 @@ def test_problem_and_make_problem_check_their_arguments():
 
 def test_built_in_problems_have_the_advertised_sizes():
     assert problem_names() == ["logreg", "mlp-small", "mlp"]
-    sizes = {name: (make_problem(name).num_params, make_problem(name).num_hparams) for name in problem_names()}
+    sizes = {
+        name: (make_problem(name).num_params, make_problem(name).num_hparams)
+        for name in problem_names()
+    }
     assert sizes == {"logreg": (650, 650), "mlp-small": (2410, 2410), "mlp": (9610, 9610)}
-    first, again, other = make_problem("mlp-small"), make_problem("mlp-small"), make_problem("mlp-small", seed=1)
+    first, again, other = (
+        make_problem("mlp-small"),
+        make_problem("mlp-small"),
+        make_problem("mlp-small", seed=1),
+    )
     assert torch.equal(first.params["0", "weight"], again.params["0", "weight"])
     assert not torch.equal(first.params["0", "weight"], other.params["0", "weight"])
     assert make_problem("logreg", dtype=torch.float32).inner_args[0].dtype == torch.float32
@@ -210,17 +283,36 @@ def test_built_in_problems_have_the_advertised_sizes():
 
 def test_command_line_runs_and_writes_outputs(tmp_path, capsys):
     out = tmp_path / "results"
-    status = main([
-        "compare", "--solvers", "CG,Identity,Unrolled", "--curvatures", "Hessian", "--steps", "2,40",
-        "--repeats", "1", "--no-memory", "--no-progress", "--threads", "1", "--out", str(out),
-    ])
+    status = main(
+        [
+            "compare",
+            "--solvers",
+            "CG,Identity,Unrolled",
+            "--curvatures",
+            "Hessian",
+            "--steps",
+            "2,40",
+            "--repeats",
+            "1",
+            "--no-memory",
+            "--no-progress",
+            "--threads",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
     printed = capsys.readouterr().out
     assert status == 0
     assert "Problem `logreg`" in printed and "| CG | Hessian | 40 |" in printed
     assert sorted(p.name for p in out.iterdir()) == ["compare.json", "compare.md", "compare.png"]
     records = json.loads((out / "compare.json").read_text())["records"]
     assert [(r["method"], r["steps"]) for r in records] == [
-        ("CG", 2), ("CG", 40), ("Identity", None), ("Unrolled", 2), ("Unrolled", 40)
+        ("CG", 2),
+        ("CG", 40),
+        ("Identity", None),
+        ("Unrolled", 2),
+        ("Unrolled", 40),
     ]
     assert records[1]["relative_error"] < 1e-2 < records[0]["relative_error"]
 

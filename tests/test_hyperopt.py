@@ -278,3 +278,10 @@ def test_resume_checks():
         ValueError, match="train_batches: the checkpoint holds an iterator position"
     ):
         plain.load_state_dict(saved)
+
+
+def test_progress_bar_shows_validation_metrics(capsys):
+    loop = make_loop()
+    loop.run(init_state(loop), outer_steps=2, progress=True)
+    shown = capsys.readouterr().err
+    assert "hyper steps" in shown and "val_mse" in shown and "converged=yes" in shown

@@ -24,8 +24,15 @@ def ridge():
 def unrolled(ridge, start, steps, momentum=0.0):
     x, y, x_val, y_val, penalty, learning_rate = ridge
     return implicitfn.unrolled_hypergradient(
-        ridge_loss, validation_loss, td(w=start), td(penalty=penalty), steps=steps,
-        learning_rate=learning_rate, momentum=momentum, inner_args=(x, y), outer_args=(x_val, y_val),
+        ridge_loss,
+        validation_loss,
+        td(w=start),
+        td(penalty=penalty),
+        steps=steps,
+        learning_rate=learning_rate,
+        momentum=momentum,
+        inner_args=(x, y),
+        outer_args=(x_val, y_val),
     )
 
 
@@ -80,8 +87,13 @@ def test_from_the_solution_it_equals_neumann_with_one_term_less(ridge, steps):
     w_star = td(w=ridge_solution(penalty, x, y))
     hypergrad, _ = unrolled(ridge, w_star["w"], steps)
     neumann, _ = implicitfn.hypergradient(
-        ridge_loss, validation_loss, w_star, td(penalty=penalty), inner_args=(x, y),
-        outer_args=(x_val, y_val), solver=implicitfn.Neumann(steps=steps - 1, alpha=learning_rate),
+        ridge_loss,
+        validation_loss,
+        w_star,
+        td(penalty=penalty),
+        inner_args=(x, y),
+        outer_args=(x_val, y_val),
+        solver=implicitfn.Neumann(steps=steps - 1, alpha=learning_rate),
     )
     assert_trees_close(hypergrad, neumann)
 
@@ -92,8 +104,14 @@ def test_inputs_are_not_modified_and_dict_trees_work(ridge):
     hparams = {"penalty": penalty.clone().requires_grad_()}
     before = clone_tree((params, hparams))
     hypergrad, _ = implicitfn.unrolled_hypergradient(
-        ridge_loss, validation_loss, params, hparams, steps=3, learning_rate=learning_rate,
-        inner_args=(x, y), outer_args=(x_val, y_val),
+        ridge_loss,
+        validation_loss,
+        params,
+        hparams,
+        steps=3,
+        learning_rate=learning_rate,
+        inner_args=(x, y),
+        outer_args=(x_val, y_val),
     )
     assert isinstance(hypergrad, dict) and hypergrad["penalty"].shape == (4,)
     assert_unchanged(before, (params, hparams))
@@ -107,8 +125,14 @@ def test_runs_under_vmap_over_hyperparameters(ridge):
 
     def one(lam):
         return implicitfn.unrolled_hypergradient(
-            ridge_loss, validation_loss, start, {"penalty": lam}, steps=4,
-            learning_rate=learning_rate / 2, inner_args=(x, y), outer_args=(x_val, y_val),
+            ridge_loss,
+            validation_loss,
+            start,
+            {"penalty": lam},
+            steps=4,
+            learning_rate=learning_rate / 2,
+            inner_args=(x, y),
+            outer_args=(x_val, y_val),
         )[0]["penalty"]
 
     batched = torch.func.vmap(one)(batch)
@@ -119,9 +143,14 @@ def test_divergence_is_reported(ridge):
     x, y, x_val, y_val, penalty, learning_rate = ridge
     with pytest.raises(FloatingPointError, match="learning_rate below 2"):
         implicitfn.unrolled_hypergradient(
-            ridge_loss, validation_loss, td(w=torch.ones(4, dtype=torch.float64)),
-            td(penalty=penalty), steps=400, learning_rate=10 * learning_rate,
-            inner_args=(x, y), outer_args=(x_val, y_val),
+            ridge_loss,
+            validation_loss,
+            td(w=torch.ones(4, dtype=torch.float64)),
+            td(penalty=penalty),
+            steps=400,
+            learning_rate=10 * learning_rate,
+            inner_args=(x, y),
+            outer_args=(x_val, y_val),
         )
 
 
@@ -142,16 +171,23 @@ def test_bad_arguments_raise_before_computing(overrides, error, match):
 
     def counting_loss(params, hparams):
         calls.append(1)
-        return (params ** 2).sum()
+        return (params**2).sum()
 
     arguments = dict(
-        inner_loss=counting_loss, outer_loss=counting_loss, params=torch.ones(2),
-        hparams=torch.ones(2), steps=3, learning_rate=0.1,
+        inner_loss=counting_loss,
+        outer_loss=counting_loss,
+        params=torch.ones(2),
+        hparams=torch.ones(2),
+        steps=3,
+        learning_rate=0.1,
     )
     arguments.update(overrides)
     with pytest.raises(error, match=match):
         implicitfn.unrolled_hypergradient(
-            arguments.pop("inner_loss"), arguments.pop("outer_loss"), arguments.pop("params"),
-            arguments.pop("hparams"), **arguments,
+            arguments.pop("inner_loss"),
+            arguments.pop("outer_loss"),
+            arguments.pop("params"),
+            arguments.pop("hparams"),
+            **arguments,
         )
     assert not calls

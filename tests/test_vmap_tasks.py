@@ -21,7 +21,7 @@ import implicitfn
 
 DTYPE = torch.float64
 FEATURES, HIDDEN, WAYS, SHOTS, QUERIES, TASKS = 8, 6, 3, 2, 4, 4
-INNER_STEPS = 150
+INNER_STEPS = 60
 TASK_DIMS = (None, 0, 0, 0, 0)  # hparams shared, task data batched
 
 

@@ -128,10 +128,11 @@ def iterate(
     """Run `step` until `done(state)` or `max_steps`; the only loop the solvers use.
 
     Eagerly it stops early. Under `torch.func` transforms a Python branch on a tensor value is
-    impossible (vmap), so it runs all `max_steps` and freezes the state of every solve that is
-    done: the result is the same either way.
+    impossible (vmap), and under `torch.compile` it would break the graph, so it then runs all
+    `max_steps` and freezes the state of every solve that is done: the result is the same
+    either way.
     """
-    if not under_transform():
+    if not under_transform() and not torch.compiler.is_compiling():
         for _ in range(max_steps):
             if bool(done(state)):
                 break

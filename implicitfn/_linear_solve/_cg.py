@@ -126,7 +126,8 @@ class CG(AbstractLinearSolver):
         z = precondition(r)
         if callable(self.preconditioner):
             check_vector(z, operator.template, "preconditioner(r)")
-        rz, rs = tree_vdot(r, z), tree_vdot(r, r)
+        rz = tree_vdot(r, z)
+        rs = rz if z is r else tree_vdot(r, r)  # unpreconditioned: the same number
         start = torch.tensor(setup_products, dtype=torch.int64, device=rs.device)
         state = (x, r, z, rz, rs, start, torch.zeros_like(rs, dtype=torch.bool))
 
@@ -139,7 +140,8 @@ class CG(AbstractLinearSolver):
             x = tree_axpy(alpha, p, x)
             r = tree_axpy(-alpha, ap, r)
             z = precondition(r)
-            rz_new, rs_new = tree_vdot(r, z), tree_vdot(r, r)
+            rz_new = tree_vdot(r, z)
+            rs_new = rz_new if z is r else tree_vdot(r, r)
             beta = rz_new / torch.where(rz == 0, 1.0, rz)
             p = tree_axpy(beta, p, z)
             # r^T M^{-1} r < 0 means the preconditioner is not positive definite.

@@ -1,4 +1,5 @@
-"""`implicitfn compare`: how good is each inverse-Hessian-vector-product approximation, and what does it cost.
+"""`implicitfn compare`: how good is each inverse-Hessian-vector-product approximation, and at
+what cost.
 
 Run it as `python -m implicitfn compare` (see `--help`), or from Python with
 [`make_problem`][implicitfn.compare.make_problem] and [`run`][implicitfn.compare.run].

@@ -19,32 +19,70 @@ DTYPES = {"float64": torch.float64, "float32": torch.float32}
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `implicitfn compare`."""
     default = CompareConfig()
-    parser.add_argument("--problem", choices=problem_names(), default=DEFAULT_PROBLEM,
-                        help=f"built-in problem (default: {DEFAULT_PROBLEM})")
-    parser.add_argument("--solvers", type=_names,
-                        help=f"comma-separated methods (default: all): {', '.join(method_names())}")
-    parser.add_argument("--curvatures", type=_names, default=default.curvatures,
-                        help="comma-separated: Hessian, GaussNewton (default: both)")
-    parser.add_argument("--steps", type=_step_list,
-                        help="comma-separated budgets k (default: "
-                        f"{','.join(map(str, default.steps))}; --fast: {','.join(map(str, FAST_STEPS))})")
+    parser.add_argument(
+        "--problem",
+        choices=problem_names(),
+        default=DEFAULT_PROBLEM,
+        help=f"built-in problem (default: {DEFAULT_PROBLEM})",
+    )
+    parser.add_argument(
+        "--solvers",
+        type=_names,
+        help=f"comma-separated methods (default: all): {', '.join(method_names())}",
+    )
+    parser.add_argument(
+        "--curvatures",
+        type=_names,
+        default=default.curvatures,
+        help="comma-separated: Hessian, GaussNewton (default: both)",
+    )
+    parser.add_argument(
+        "--steps",
+        type=_step_list,
+        help="comma-separated budgets k (default: "
+        f"{','.join(map(str, default.steps))}; --fast: {','.join(map(str, FAST_STEPS))})",
+    )
     parser.add_argument("--dtype", choices=list(DTYPES), default="float64")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:index]")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="seeds the data split and the initial weights (default: 0)")
-    parser.add_argument("--rtol", type=float, default=default.rtol,
-                        help=f"tolerance of the solvers that stop on their own (default: {default.rtol:g})")
-    parser.add_argument("--alpha", type=_alpha, default=default.alpha,
-                        help="step of Neumann/FixedPoint/StochasticNeumann and learning rate of "
-                        "unrolling: auto (1/largest eigenvalue, default) or a number")
-    parser.add_argument("--repeats", type=int,
-                        help=f"timed runs per method, fastest counts (default: {default.repeats}; --fast: 1)")
-    parser.add_argument("--threads", type=int,
-                        help="torch CPU threads (default: torch's choice, e.g. OMP_NUM_THREADS)")
-    parser.add_argument("--out", default="compare-results",
-                        help="folder for compare.md, compare.json, compare.png (default: compare-results)")
-    parser.add_argument("--fast", action="store_true",
-                        help=f"budgets {','.join(map(str, FAST_STEPS))} and one timed run: for CI and `make demo`")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seeds the data split and the initial weights (default: 0)",
+    )
+    parser.add_argument(
+        "--rtol",
+        type=float,
+        default=default.rtol,
+        help=f"tolerance of the solvers that stop on their own (default: {default.rtol:g})",
+    )
+    parser.add_argument(
+        "--alpha",
+        type=_alpha,
+        default=default.alpha,
+        help="step of Neumann/FixedPoint/StochasticNeumann and learning rate of "
+        "unrolling: auto (1/largest eigenvalue, default) or a number",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        help=f"timed runs per method, fastest counts (default: {default.repeats}; --fast: 1)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch CPU threads (default: torch's choice, e.g. OMP_NUM_THREADS)",
+    )
+    parser.add_argument(
+        "--out",
+        default="compare-results",
+        help="folder for compare.md, compare.json, compare.png (default: compare-results)",
+    )
+    parser.add_argument(
+        "--fast",
+        action="store_true",
+        help=f"budgets {','.join(map(str, FAST_STEPS))} and one timed run: for CI and `make demo`",
+    )
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -57,7 +95,9 @@ def _step_list(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(step) for step in _names(text))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 1,5,20, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers such as 1,5,20, got {text!r}"
+        ) from None
 
 
 def _alpha(text: str) -> float | str:

@@ -1,11 +1,12 @@
 """The hypergradient methods compared: every linear solver implicitfn exports, plus unrolling.
 
-Solvers are found, not listed: every concrete [`AbstractLinearSolver`][implicitfn.AbstractLinearSolver]
-in `implicitfn.__all__` takes part. Each runs with its own defaults except for the fields the
-sweep sets by convention (`SWEPT_FIELDS`): the budget (`max_steps`, `steps` or `rank`), the
-tolerance `rtol`, the step `alpha` and the minibatches `batches`. A solver whose fields follow
-the conventions needs no change here; one whose budget has another name needs one entry in
-`BUDGET_FIELDS`, and a named configuration beyond the defaults is one entry in `VARIANTS`.
+Solvers are found, not listed: every concrete
+[`AbstractLinearSolver`][implicitfn.AbstractLinearSolver] in `implicitfn.__all__` takes part.
+Each runs with its own defaults except for the fields the sweep sets by name (`SweptFields`):
+the budget (`max_steps`, `steps` or `rank`), the tolerance `rtol`, the step `alpha` and the
+minibatches `batches`. A solver whose fields follow these conventions needs no change here; one
+whose budget has another name needs one entry in `BUDGET_FIELDS`, and a configuration worth
+comparing besides the defaults is one entry in `VARIANTS`.
 """
 
 from __future__ import annotations

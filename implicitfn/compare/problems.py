@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
+from sklearn.datasets import load_digits
 from tensordict import TensorDict, TensorDictBase
 from torch.func import grad
 
@@ -27,7 +28,7 @@ BATCH_SIZE = 100
 
 @dataclasses.dataclass(frozen=True)
 class Problem:
-    r"""A bilevel problem: a training loss $L_T(w, \lambda)$, a validation loss $L_V(w, \lambda)$ and the data.
+    r"""A bilevel problem: training loss $L_T(w, \lambda)$, validation loss $L_V(w, \lambda)$, data.
 
     **Arguments:**
 
@@ -86,7 +87,9 @@ class Problem:
                 )
         for field in ("inner_args", "outer_args", "batches"):
             if not isinstance(getattr(self, field), tuple):
-                raise TypeError(f"{field}: expected a tuple, got {type(getattr(self, field)).__name__}.")
+                raise TypeError(
+                    f"{field}: expected a tuple, got {type(getattr(self, field)).__name__}."
+                )
 
     @property
     def num_params(self) -> int:
@@ -100,7 +103,7 @@ class Problem:
 
 
 def train_to_optimum(problem: Problem) -> tuple[Any, float]:
-    r"""Minimise the training loss tightly: L-BFGS, then Newton steps solved with [`CG`][implicitfn.CG].
+    r"""Minimise the training loss tightly: L-BFGS, then Newton steps with [`CG`][implicitfn.CG].
 
     L-BFGS gets close cheaply; Newton's method (exact Hessian products, each step solved by CG to
     a relative residual of $10^{-8}$) then converges quadratically, down to
@@ -130,8 +133,13 @@ def train_to_optimum(problem: Problem) -> tuple[Any, float]:
     start, unravel = implicitfn.tree_ravel(problem.params)
     flat = start.detach().clone().requires_grad_(True)
     lbfgs = torch.optim.LBFGS(
-        [flat], lr=1.0, max_iter=5000, tolerance_grad=1e-6, tolerance_change=0.0,
-        history_size=50, line_search_fn="strong_wolfe",
+        [flat],
+        lr=1.0,
+        max_iter=5000,
+        tolerance_grad=1e-6,
+        tolerance_change=0.0,
+        history_size=50,
+        line_search_fn="strong_wolfe",
     )
 
     def closure() -> torch.Tensor:
@@ -161,8 +169,6 @@ def train_to_optimum(problem: Problem) -> tuple[Any, float]:
 
 def _digits(dtype: torch.dtype, device: torch.device, seed: int) -> tuple[torch.Tensor, ...]:
     """Digits scaled to [0, 1], split at random (seeded) into training and validation sets."""
-    from sklearn.datasets import load_digits
-
     images, labels = load_digits(return_X_y=True)
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
     x = torch.as_tensor(images / 16.0, dtype=dtype)[order].to(device)
@@ -198,7 +204,9 @@ def _classifier_problem(
         return torch.nn.functional.cross_entropy(apply(p, x), y)
 
     batches = tuple(zip(x.split(BATCH_SIZE), y.split(BATCH_SIZE), strict=True))
-    architecture = " -> ".join(type(m).__name__ for m in network.modules() if not list(m.children()))
+    architecture = " -> ".join(
+        type(m).__name__ for m in network.modules() if not list(m.children())
+    )
     return Problem(
         name=name,
         train_loss=train_loss,

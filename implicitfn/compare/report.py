@@ -12,8 +12,17 @@ from implicitfn.compare.runner import Comparison, Record
 __all__ = ["format_table", "save_json", "save_plot", "write_outputs"]
 
 _COLUMNS = (
-    "method", "curvature", "k", "products", "cosine", "rel. error", "rel. residual", "converged",
-    "time [grad evals]", "peak memory [MiB]", "note",
+    "method",
+    "curvature",
+    "k",
+    "products",
+    "cosine",
+    "rel. error",
+    "rel. residual",
+    "converged",
+    "time [grad evals]",
+    "peak memory [MiB]",
+    "note",
 )
 
 
@@ -38,7 +47,11 @@ def format_table(comparison: Comparison) -> str:
     | Dense | Hessian | — | 3 | 1.000000 | ... | ... | yes | ... | — |  |
     ```
     """
-    problem, reference, environment = comparison.problem, comparison.reference, comparison.environment
+    problem, reference, environment = (
+        comparison.problem,
+        comparison.reference,
+        comparison.environment,
+    )
     if reference["hessian_positive_definite"]:
         spectrum = (
             f"eigenvalues in [{reference['hessian_eigenvalue_min']:.3g}, "
@@ -46,7 +59,9 @@ def format_table(comparison: Comparison) -> str:
             f"{reference['condition_number']:.3g}"
         )
     else:
-        spectrum = f"NOT positive definite, largest eigenvalue {reference['hessian_eigenvalue_max']:.3g}"
+        spectrum = (
+            f"NOT positive definite, largest eigenvalue {reference['hessian_eigenvalue_max']:.3g}"
+        )
     lines = [
         f"Problem `{problem['name']}`: {problem['description']}.",
         f"{problem['num_params']} parameters, {problem['num_hparams']} hyperparameters; "
@@ -122,7 +137,7 @@ def save_json(comparison: Comparison, path: str | pathlib.Path) -> pathlib.Path:
 
 
 def save_plot(comparison: Comparison, path: str | pathlib.Path) -> pathlib.Path:
-    """Plot the relative error against the budget $k$ and against time, one line per method × curvature.
+    """Plot the relative error against the budget $k$ and against time, per method × curvature.
 
     Methods without a budget (Dense, Identity) are horizontal dotted lines on the left and single
     markers on the right. Rows without a finite error (skipped, diverged) are left out; the table
@@ -141,30 +156,36 @@ def save_plot(comparison: Comparison, path: str | pathlib.Path) -> pathlib.Path:
     >>> records = tuple(Record("CG", "Hessian", k, "CG()", "ok", relative_error=10.0 ** -k,
     ...                        time_grad_evals=3.0 * k) for k in (1, 2, 5))
     >>> reference = {"condition_number": 100.0}
-    >>> comparison = Comparison({"name": "toy", "num_params": 5}, {"threads": 1}, {}, reference, records)
+    >>> problem = {"name": "toy", "num_params": 5}
+    >>> comparison = Comparison(problem, {"threads": 1}, {}, reference, records)
     >>> save_plot(comparison, pathlib.Path(tempfile.mkdtemp()) / "compare.png").stat().st_size > 0
     True
     ```
     """
+    import matplotlib
     from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
 
     figure = Figure(figsize=(13, 5.5), layout="constrained")
     by_steps, by_time = figure.subplots(1, 2, sharey=True)
-    palette = [f"C{i}" for i in range(10)] + ["tab:olive", "tab:cyan", "black"]
-    colors: dict[str, str] = {}
+    shades = matplotlib.colormaps["tab20"].colors
+    palette = shades[::2] + shades[1::2]  # the ten dark shades first, then their light partners
+    markers = "os^vDP*Xph<>"
+    colors: dict[str, Any] = {}
     for (method, curvature), records in _groups(comparison.records).items():
         color = colors.setdefault(method, palette[len(colors) % len(palette)])
+        marker = markers[list(colors).index(method) % len(markers)]
         style = {"color": color, "linestyle": "--" if curvature == "GaussNewton" else "-"}
         label = method if curvature is None else f"{method} · {curvature}"
         errors = [max(r.relative_error, 1e-16) for r in records]
         times = [r.time_grad_evals for r in records]
         if records[0].steps is None:
             by_steps.axhline(errors[0], linewidth=1, **{**style, "linestyle": ":"})
-            by_time.plot(times, errors, marker="*", markersize=11, linestyle="none", label=label,
-                         color=color)
+            by_time.plot(
+                times, errors, marker="*", markersize=11, linestyle="none", label=label, color=color
+            )
         else:
-            by_steps.plot([r.steps for r in records], errors, marker="o", markersize=3, **style)
-            by_time.plot(times, errors, marker="o", markersize=3, label=label, **style)
+            by_steps.plot([r.steps for r in records], errors, marker=marker, markersize=4, **style)
+            by_time.plot(times, errors, marker=marker, markersize=4, label=label, **style)
     for axis in (by_steps, by_time):
         axis.set_xscale("log")
         axis.set_yscale("log")
@@ -178,7 +199,8 @@ def save_plot(comparison: Comparison, path: str | pathlib.Path) -> pathlib.Path:
         f"{reference.get('condition_number', math.nan):.3g}, "
         f"{comparison.environment.get('threads')} thread(s)"
     )
-    figure.legend(loc="outside right center", fontsize="small")
+    if colors:  # an empty legend would warn
+        figure.legend(loc="outside right center", fontsize="small")
     path = pathlib.Path(path)
     figure.savefig(path, dpi=110)
     return path
@@ -193,7 +215,7 @@ def _groups(records: tuple[Record, ...]) -> dict[tuple[str, str | None], list[Re
 
 
 def write_outputs(comparison: Comparison, folder: str | pathlib.Path) -> dict[str, Any]:
-    """Write `compare.md` (the table), `compare.json` and `compare.png` into `folder` (created if needed).
+    """Write `compare.md` (the table), `compare.json` and `compare.png` into `folder`.
 
     **Arguments:**
 

@@ -92,11 +92,19 @@ class CompareConfig:
             raise ValueError(f"steps: expected positive ints, e.g. (1, 5, 20), got {self.steps!r}.")
         object.__setattr__(self, "steps", tuple(sorted(set(steps))))
         object.__setattr__(self, "solvers", _canonical("solvers", self.solvers, method_names()))
-        object.__setattr__(self, "curvatures", _canonical("curvatures", self.curvatures, list(CURVATURES)))
-        if isinstance(self.rtol, bool) or not isinstance(self.rtol, (int, float)) or not self.rtol >= 0:
+        object.__setattr__(
+            self, "curvatures", _canonical("curvatures", self.curvatures, list(CURVATURES))
+        )
+        if (
+            isinstance(self.rtol, bool)
+            or not isinstance(self.rtol, (int, float))
+            or not self.rtol >= 0
+        ):
             raise ValueError(f"rtol: expected a float >= 0, got {self.rtol!r}.")
         if self.alpha != "auto" and (
-            isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha > 0
+            isinstance(self.alpha, bool)
+            or not isinstance(self.alpha, (int, float))
+            or not self.alpha > 0
         ):
             raise ValueError(f"alpha: expected 'auto' or a float > 0, got {self.alpha!r}.")
         for name in ("repeats", "max_dense_params"):
@@ -110,7 +118,9 @@ def _canonical(field: str, names: Any, valid: list[str]) -> tuple[str, ...]:
     if names is None:
         return tuple(valid)
     if isinstance(names, str) or not all(isinstance(name, str) for name in names):
-        raise TypeError(f"{field}: expected a tuple of names such as {tuple(valid[:2])}, got {names!r}.")
+        raise TypeError(
+            f"{field}: expected a tuple of names such as {tuple(valid[:2])}, got {names!r}."
+        )
     lookup = {_key(name): name for name in valid}
     unknown = [name for name in names if _key(name) not in lookup]
     if unknown or not names:
@@ -124,7 +134,7 @@ def _key(name: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Record:
-    """One method's result; `None` where a value does not apply (a skipped row, unrolling's residual).
+    """One method's result; `None` where a value does not apply (a skipped row, say).
 
     **Fields:**
 
@@ -165,7 +175,7 @@ class Record:
 
 @dataclasses.dataclass(frozen=True)
 class Comparison:
-    """The result of [`run`][implicitfn.compare.run]: the setting, the reference and one record per method.
+    """What [`run`][implicitfn.compare.run] returns: setting, reference and a record per method.
 
     **Fields:**
 
@@ -255,12 +265,20 @@ def run(problem: Problem, config: CompareConfig = CompareConfig()) -> Comparison
     device = implicitfn.tree_ravel(problem.params)[0].device
     swept = SweptFields(config.rtol, config.alpha, problem.batches)
     methods = plan(
-        config.solvers, config.curvatures, config.steps, swept,
+        config.solvers,
+        config.curvatures,
+        config.steps,
+        swept,
         gauss_newton_possible=isinstance(problem.train_loss, implicitfn.CompositeLoss),
         dense_possible=problem.num_params <= config.max_dense_params,
     )
-    with tqdm(total=2 + len(methods), desc=problem.name, disable=not config.progress,
-              file=sys.stderr, dynamic_ncols=True) as progress:
+    with tqdm(
+        total=2 + len(methods),
+        desc=problem.name,
+        disable=not config.progress,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    ) as progress:
         progress.set_postfix_str("training the inner problem")
         params, gradient_norm = train_to_optimum(problem)
         progress.update()
@@ -280,8 +298,16 @@ def run(problem: Problem, config: CompareConfig = CompareConfig()) -> Comparison
         for method in methods:
             progress.set_postfix_str(_label(method))
             records.append(
-                _measure(problem, params, method, reference, learning_rate, config, device,
-                         facts["grad_eval_s"])
+                _measure(
+                    problem,
+                    params,
+                    method,
+                    reference,
+                    learning_rate,
+                    config,
+                    device,
+                    facts["grad_eval_s"],
+                )
             )
             progress.update()
     return Comparison(
@@ -344,18 +370,24 @@ def _reference(problem: Problem, params: Any, device: torch.device) -> tuple[tor
         adjoint = torch.cholesky_solve(rhs[:, None], factor)[:, 0]
     else:
         adjoint = torch.linalg.solve(matrix, rhs)
-    residual = float(torch.linalg.vector_norm(matrix @ adjoint - rhs) / torch.linalg.vector_norm(rhs))
+    residual = float(
+        torch.linalg.vector_norm(matrix @ adjoint - rhs) / torch.linalg.vector_norm(rhs)
+    )
     condition = implicitfn.stationarity(problem.train_loss)
     implicit, _ = implicitfn.cross_vjp(condition, unravel(-adjoint), params, hparams, *inner_args)
     reference = implicitfn.tree_ravel(implicitfn.tree_axpy(1.0, direct_hparams, implicit))[0]
     if not torch.isfinite(reference).all():
-        raise FloatingPointError("the dense reference hypergradient has NaN/Inf; check the problem.")
+        raise FloatingPointError(
+            "the dense reference hypergradient has NaN/Inf; check the problem."
+        )
     # Extreme eigenvalues by power iteration (on A, and on A^-1 through the Cholesky factor):
     # a full eigendecomposition would cost minutes at n ~ 10^4.
     largest = _top_eigenvalue(lambda v: matrix @ v, size, rhs)
     smallest = None
     if positive_definite:
-        inverse = _top_eigenvalue(lambda v: torch.cholesky_solve(v[:, None], factor)[:, 0], size, rhs)
+        inverse = _top_eigenvalue(
+            lambda v: torch.cholesky_solve(v[:, None], factor)[:, 0], size, rhs
+        )
         smallest = 1.0 / inverse
     _synchronize(device)
     facts = {
@@ -413,7 +445,9 @@ def _measure(
 ) -> Record:
     base = dict(method=method.name, curvature=method.curvature, steps=method.steps)
     if method.name == UNROLLED:
-        base["solver"] = f"unrolled_hypergradient(steps={method.steps}, learning_rate={learning_rate:.4g})"
+        base["solver"] = (
+            f"unrolled_hypergradient(steps={method.steps}, learning_rate={learning_rate:.4g})"
+        )
     else:
         base["solver"] = repr(method.solver) if method.solver is not None else ""
     if method.skipped:
@@ -422,17 +456,28 @@ def _measure(
     def compute() -> tuple[Any, implicitfn.SolveInfo | None]:
         if method.name == UNROLLED:
             result, _ = implicitfn.unrolled_hypergradient(
-                problem.train_loss, problem.outer_loss, params, problem.hparams,
-                steps=method.steps, learning_rate=learning_rate,
-                inner_args=problem.inner_args, outer_args=problem.outer_args,
+                problem.train_loss,
+                problem.outer_loss,
+                params,
+                problem.hparams,
+                steps=method.steps,
+                learning_rate=learning_rate,
+                inner_args=problem.inner_args,
+                outer_args=problem.outer_args,
             )
             return result, None
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", implicitfn.ImplicitSolveWarning)
             return implicitfn.hypergradient(
-                problem.train_loss, problem.outer_loss, params, problem.hparams,
-                inner_args=problem.inner_args, outer_args=problem.outer_args,
-                solver=method.solver, curvature=CURVATURES[method.curvature], on_failure="warn",
+                problem.train_loss,
+                problem.outer_loss,
+                params,
+                problem.hparams,
+                inner_args=problem.inner_args,
+                outer_args=problem.outer_args,
+                solver=method.solver,
+                curvature=CURVATURES[method.curvature],
+                on_failure="warn",
             )
 
     try:
@@ -492,7 +537,10 @@ def _peak_memory(fn: Callable[[], Any], device: torch.device) -> int | None:
     if device.type != "cpu":
         return None
     activities = [torch.profiler.ProfilerActivity.CPU]
-    with _quiet_stderr(), torch.profiler.profile(activities=activities, profile_memory=True) as prof:
+    with (
+        _quiet_stderr(),
+        torch.profiler.profile(activities=activities, profile_memory=True) as prof,
+    ):
         fn()
     # The raw events hold each allocation (+bytes) and free (-bytes); building the profiler's
     # operator tree (prof.events()) would cost far more than the call being measured.

@@ -41,6 +41,7 @@ class History:
         return [record[key] for record in self.records]
 
     def append(self, record: dict[str, Any]) -> None:
+        """Add one record (copied)."""
         self.records.append(dict(record))
 
     def plot(self, path: str | os.PathLike | None = None):
@@ -104,4 +105,5 @@ class History:
         return figure
 
     def state_dict(self) -> list[dict[str, Any]]:
+        """The records as a list of dicts of plain numbers (copied), for checkpoints."""
         return [dict(r) for r in self.records]

@@ -425,25 +425,23 @@ class HyperOptimizer:
             raise TypeError(
                 "callbacks: expected a sequence of callables (state, record) -> bool | None."
             )
-        from tqdm.auto import tqdm
-
-        with tqdm(
-            total=outer_steps,
-            initial=min(state.step, outer_steps),
-            desc="hyper steps",
-            disable=not progress,
-            dynamic_ncols=True,
-        ) as bar:
+        bar = _progress_bar(outer_steps, state.step) if progress else None
+        try:
             while state.step < outer_steps:
                 record = self.step(state)
-                bar.update(1)
-                bar.set_postfix(
-                    {k: f"{v:.3g}" for k, v in record.items() if k.startswith("val_")}
-                    | {"converged": "yes" if record["converged"] else "NO"}
-                )
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(
+                        {k: f"{v:.3g}" for k, v in record.items() if k.startswith("val_")}
+                        | {"converged": "yes" if record["converged"] else "NO"}
+                    )
+                # Every callback runs, even when an earlier one asks to stop.
                 stop = [callback(state, record) is True for callback in callbacks]
                 if any(stop):
                     break
+        finally:
+            if bar is not None:
+                bar.close()
         return state.history
 
     def _check_hparams_used(
@@ -504,6 +502,17 @@ class HyperOptimizer:
         record["converged"] = bool(info.converged)
         record["solve_steps"] = int(info.num_steps)
         return record
+
+
+def _progress_bar(total: int, done: int):
+    try:
+        from tqdm.auto import tqdm
+    except ImportError as error:  # tqdm is only needed for the bar
+        raise ImportError(
+            "progress=True shows a tqdm progress bar: install tqdm (pip install tqdm) or pass "
+            "progress=False."
+        ) from error
+    return tqdm(total=total, initial=min(done, total), desc="hyper steps", dynamic_ncols=True)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,529 @@
+"""Opt-in compilation of the backward pass with `torch.compile`.
+
+What is compiled (see [`Compile`][implicitfn.Compile] and the "Compiled hypergradients" page):
+
+- `"solve"`: the whole backward solve, linearisation and every solver step in one graph, for
+  solvers that run a fixed number of steps ([`CG`][implicitfn.CG] and
+  [`FixedPoint`][implicitfn.FixedPoint] with `rtol=None`, [`Neumann`][implicitfn.Neumann] with
+  a numeric `alpha`, [`Identity`][implicitfn.Identity], [`Dense`][implicitfn.Dense]). The loop is
+  unrolled (`_base.iterate` freezes finished solves instead of breaking), so the graph holds the
+  linearisation once and the steps after it, and the compiler fuses across steps.
+- `"product"`: each curvature product $v \\mapsto A v$ as one graph (it recomputes the
+  linearisation inside), for every other solver; the solver's loop stays in Python.
+- The mixed product $B^\\top u$ of the backward pass and the outer gradient of
+  [`hypergradient`][implicitfn.hypergradient] are compiled too.
+
+Every compiled function is a pure function of its tensor arguments: the configuration (condition,
+curvature, solver, damping, tree structures, non-tensor arguments) is closed over and is part of
+the cache key, together with each tensor's shape, dtype, device and `requires_grad`. One key, one
+compilation: each artefact gets its own code object, so dynamo's per-code cache (and its
+recompile limit) never mixes artefacts, and later calls with new values reuse it. Dynamo still
+guards what user code reads besides its arguments (globals, closures), so a changed global
+recompiles rather than going stale.
+
+Safety: the first call of each artefact is checked against the eager computation; a failure to
+compile (an operation dynamo cannot capture, no C++ compiler, ...) or a mismatch falls back to
+eager with one [`CompileWarning`][implicitfn.CompileWarning] per configuration, never a wrong
+result. Inside `torch.func` transforms compiled functions are not used.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+import sys
+import types
+import warnings
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+
+from implicitfn._curvature import AbstractCurvature, GaussNewton
+from implicitfn._linear_solve import CG, AbstractLinearSolver, Dense, FixedPoint, Identity, Neumann
+from implicitfn._linear_solve._base import check_vector
+from implicitfn._operator import (
+    POSITIVE_SEMIDEFINITE,
+    SYMMETRIC,
+    AbstractLinearOperator,
+    damp,
+)
+from implicitfn._optimality import AbstractOptimalityCondition, mixed_product, on_leaves
+from implicitfn._solution import SolveInfo, under_transform
+from implicitfn._tree import Tree
+
+__all__ = ["Compile", "CompileWarning"]
+
+_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+_SCOPES = ("auto", "solve", "product")
+_MAX_ARTEFACTS = 64  # compiled functions kept (least recently used dropped first)
+
+
+@dataclasses.dataclass(frozen=True)
+class Compile:
+    r"""How [`implicit_diff`][implicitfn.implicit_diff] and [`hypergradient`][implicitfn.hypergradient] compile the backward pass.
+
+    Pass `compile=True` for the defaults, `compile="reduce-overhead"` (or another `mode`) for a
+    mode, or an instance of this class for full control. Compiling costs seconds to minutes once
+    per problem shape and pays off after many outer steps: see the "Compiled hypergradients"
+    page for the measured speed-ups and break-even points.
+
+    **Arguments:**
+
+    - `mode`: the `torch.compile` mode: `"default"`, `"reduce-overhead"` (CUDA graphs on GPU,
+      for small problems whose time is launch overhead; the same as `"default"` on CPU),
+      `"max-autotune"` or `"max-autotune-no-cudagraphs"`. Used with the `"inductor"` backend only.
+    - `backend`: the `torch.compile` backend, `"inductor"` (default: generated C++/Triton
+      kernels) or another registered one, e.g. `"aot_eager"` (no code generation: compiles in
+      seconds, removes Python and dispatch overhead only) or `"eager"` (tracing only, for tests).
+    - `scope`: what one compiled graph covers. `"auto"` (default): the whole backward solve for
+      a solver with a fixed number of steps ([`CG`][implicitfn.CG] or
+      [`FixedPoint`][implicitfn.FixedPoint] with `rtol=None`, [`Neumann`][implicitfn.Neumann]
+      with a numeric `alpha`, [`Identity`][implicitfn.Identity], [`Dense`][implicitfn.Dense]),
+      otherwise each curvature product. `"solve"` insists on the whole solve (a `ValueError`
+      for other solvers); `"product"` compiles products only (smaller graphs, faster to compile,
+      slower to run: each product recomputes the linearisation).
+
+    ```python
+    >>> import torch, implicitfn
+    >>> implicitfn.Compile(mode="reduce-overhead").scope
+    'auto'
+    >>> inner = lambda w, lam: 0.5 * ((w - 1.0) ** 2).sum() + 0.5 * lam * (w ** 2).sum()
+    >>> outer = lambda w, lam: (w ** 2).sum()
+    >>> w_star, lam = torch.full((2,), 0.5), torch.tensor(1.0)
+    >>> g, info = implicitfn.hypergradient(inner, outer, w_star, lam,
+    ...                                    solver=implicitfn.CG(max_steps=2, rtol=None),
+    ...                                    compile=implicitfn.Compile(backend="eager"))
+    >>> round(float(g), 4)
+    -0.5
+    ```
+    """
+
+    mode: str = "default"
+    backend: str | Callable[..., Any] = "inductor"
+    scope: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.mode not in _MODES:
+            raise ValueError(f"mode: expected one of {list(_MODES)}, got {self.mode!r}.")
+        if not (isinstance(self.backend, str) or callable(self.backend)):
+            raise TypeError(
+                f"backend: expected a torch.compile backend name such as 'inductor' or "
+                f"'aot_eager', got {type(self.backend).__name__}."
+            )
+        if self.scope not in _SCOPES:
+            raise ValueError(f"scope: expected one of {list(_SCOPES)}, got {self.scope!r}.")
+
+
+class CompileWarning(RuntimeWarning):
+    """Compilation of the backward pass was not possible; it runs eagerly (same results).
+
+    Issued once per configuration by [`implicit_diff`][implicitfn.implicit_diff] and
+    [`hypergradient`][implicitfn.hypergradient] with `compile=...`; the message says why
+    (an operation `torch.compile` cannot capture, no C++ compiler, a `torch.func` transform).
+
+    ```python
+    >>> import implicitfn
+    >>> issubclass(implicitfn.CompileWarning, RuntimeWarning)
+    True
+    ```
+    """
+
+
+def as_compile(value: Any) -> Compile | None:
+    """Resolve the `compile=` argument: `False`/`None` -> None, `True` -> `Compile()`, a mode."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return Compile()
+    if isinstance(value, str):
+        if value not in _MODES:
+            raise ValueError(
+                f"compile: expected True, False, a mode {list(_MODES)} or implicitfn.Compile(...), "
+                f"got {value!r}."
+            )
+        return Compile(mode=value)
+    if isinstance(value, Compile):
+        return value
+    raise TypeError(
+        f"compile: expected a bool, a mode string or implicitfn.Compile(...), got "
+        f"{type(value).__name__}."
+    )
+
+
+def fixed_steps(solver: AbstractLinearSolver) -> bool:
+    """Whether `solver` runs a number of steps fixed by its configuration (not by the data)."""
+    kind = type(solver)
+    if kind is CG:
+        return solver.rtol is None and solver.preconditioner is None
+    if kind is FixedPoint:
+        return solver.rtol is None and solver.alpha != "auto"
+    if kind is Neumann:
+        return solver.alpha != "auto"
+    return kind in (Identity, Dense)
+
+
+def check(options: Compile | None, solver: AbstractLinearSolver, distributed: bool) -> None:
+    """Raise before any computing when `options` cannot serve this solver."""
+    if options is None or options.scope != "solve":
+        return
+    if distributed:
+        raise ValueError(
+            "compile: scope='solve' cannot be combined with distributed=...: every product is "
+            "all-reduced between ranks; use scope='auto' (compiled products)."
+        )
+    if not fixed_steps(solver):
+        raise ValueError(
+            f"compile: scope='solve' needs a solver with a fixed number of steps (CG or "
+            f"FixedPoint with rtol=None, Neumann with a numeric alpha, Identity, Dense), got "
+            f"{solver!r}; use scope='auto' to compile its products instead."
+        )
+
+
+def scope(options: Compile | None, solver: AbstractLinearSolver, distributed: bool) -> str | None:
+    """What to compile for one backward solve: `"solve"`, `"product"` or None (eager).
+
+    Inside a `torch.func` transform nothing is compiled, with one warning.
+    """
+    if options is None:
+        return None
+    if under_transform():
+        _warn_once(
+            ("transform", options),
+            "compile=... is ignored inside torch.func transforms (vmap, grad, jvp, ...): the "
+            "backward pass runs eagerly there.",
+        )
+        return None
+    if options.scope == "product" or distributed or not fixed_steps(solver):
+        return "product"
+    return "solve"
+
+
+# ---------------------------------------------------------------------------------------------
+# The three compiled computations of the backward pass.
+
+
+def solve(
+    backward: Any,
+    spec: pytree.TreeSpec | None,
+    transpose: bool,
+    params: Tree,
+    hparams: Tree,
+    args: Sequence[Any],
+    rhs: Tree,
+    initial: Tree | None,
+) -> tuple[Tree, SolveInfo] | None:
+    """The whole solve of $A^\\top x = b$ (or $A x = b$) compiled; None when it fell back.
+
+    `backward` is the decorator's configuration (`condition`, `curvature`, `solver`, `damping`,
+    `compile`). With `spec` the condition is rewritten by `on_leaves` and `params`, `rhs` and
+    `initial` are leaf lists, as in the eager path.
+    """
+    check_vector(rhs, params, "vector")
+    if initial is not None:
+        check_vector(initial, params, "initial")
+    condition, curvature, solver = backward.condition, backward.curvature, backward.solver
+    damping = backward.damping
+
+    def build() -> Callable[..., Any]:
+        flat = condition if spec is None else on_leaves(condition, spec)
+
+        def linear_solve(params, hparams, args, rhs, initial):
+            operator = damp(flat.linearize(curvature, params, hparams, *args), damping)
+            if transpose:
+                operator = operator.transpose()
+            return solver._solve(operator, rhs, initial)
+
+        return linear_solve
+
+    family = ("solve", condition, spec, curvature, solver, damping, transpose)
+    trees = (params, hparams, tuple(args), rhs, initial)
+    result = _run(backward.compile, family, build, trees)
+    return None if result is _NOT_COMPILED else result
+
+
+def linearize(
+    backward: Any, spec: pytree.TreeSpec | None, params: Tree, hparams: Tree, args: Sequence[Any]
+) -> AbstractLinearOperator:
+    """$\\partial F/\\partial w$ of `backward.condition` as an operator whose products are compiled."""
+    condition, curvature = backward.condition, backward.curvature
+    flat = condition if spec is None else on_leaves(condition, spec)
+    tags = {SYMMETRIC} if flat.symmetric else set()
+    if isinstance(curvature, GaussNewton):
+        tags.add(POSITIVE_SEMIDEFINITE)
+    return _CompiledOperator(
+        backward.compile,
+        condition,
+        spec,
+        curvature,
+        params,
+        hparams,
+        tuple(args),
+        False,
+        frozenset(tags),
+    )
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _CompiledOperator(AbstractLinearOperator):
+    """The Jacobian of a condition at a point, each product one compiled call.
+
+    Falls back to the eager operator, linearised once on first need.
+    """
+
+    options: Compile
+    condition: AbstractOptimalityCondition
+    spec: pytree.TreeSpec | None
+    curvature: AbstractCurvature
+    params: Tree
+    hparams: Tree
+    args: tuple[Any, ...]
+    transposed: bool
+    tags: frozenset[str]  # type: ignore[misc]
+    _eager: list[AbstractLinearOperator] = dataclasses.field(default_factory=list, repr=False)
+
+    @property
+    def template(self) -> Tree:  # type: ignore[override]
+        return self.params
+
+    def _flat(self) -> AbstractOptimalityCondition:
+        return self.condition if self.spec is None else on_leaves(self.condition, self.spec)
+
+    def mv(self, vector: Tree) -> Tree:
+        if not under_transform():  # a solver's own vmap (Nystrom, Jacobi) runs eagerly
+
+            def build() -> Callable[..., Any]:
+                flat, curvature, transposed = self._flat(), self.curvature, self.transposed
+
+                def product(params, hparams, args, vector):
+                    operator = flat.linearize(curvature, params, hparams, *args)
+                    return (operator.transpose() if transposed else operator).mv(vector)
+
+                return product
+
+            family = ("product", self.condition, self.spec, self.curvature, self.transposed)
+            trees = (self.params, self.hparams, self.args, vector)
+            result = _run(self.options, family, build, trees)
+            if result is not _NOT_COMPILED:
+                return result
+        if not self._eager:
+            operator = self._flat().linearize(self.curvature, self.params, self.hparams, *self.args)
+            self._eager.append(operator.transpose() if self.transposed else operator)
+        return self._eager[0].mv(vector)
+
+    def transpose(self) -> AbstractLinearOperator:
+        if self.is_symmetric:
+            return self
+        return dataclasses.replace(self, transposed=not self.transposed, _eager=[])
+
+
+def cross_product(
+    backward: Any,
+    params: Tree,
+    hparams: Tree,
+    args: Sequence[Any],
+    selected: Sequence[bool],
+    cotangent: Tree,
+) -> list[torch.Tensor | None]:
+    """`mixed_product(..., cotangent=...)` with `backward.condition`, compiled when
+    `backward.compile` asks for it."""
+    condition = backward.condition
+    if backward.compile is not None and not under_transform():
+
+        def build() -> Callable[..., Any]:
+            return lambda p, h, a, u: mixed_product(condition, p, h, a, selected, cotangent=u)
+
+        family = ("mixed", condition, tuple(selected))
+        trees = (params, hparams, tuple(args), cotangent)
+        result = _run(backward.compile, family, build, trees)
+        if result is not _NOT_COMPILED:
+            return result
+    return mixed_product(condition, params, hparams, args, selected, cotangent=cotangent)
+
+
+def call(options: Compile | None, family: Hashable, fn: Callable[..., Any], *trees: Any) -> Any:
+    """`fn(*trees)`, compiled when `options` asks for it (eager inside transforms).
+
+    `family` must identify `fn`: the artefact compiled from the first `fn` serves every later
+    call with the same family and tensor shapes.
+    """
+    if options is not None and not under_transform():
+        result = _run(options, family, lambda: fn, trees)
+        if result is not _NOT_COMPILED:
+            return result
+    return fn(*trees)
+
+
+# ---------------------------------------------------------------------------------------------
+# The cache of compiled artefacts and the fallback.
+
+_NOT_COMPILED = object()
+_FAILED = object()
+_ARTEFACTS: collections.OrderedDict[Hashable, Any] = collections.OrderedDict()
+_FAILED_FAMILIES: set[Hashable] = set()
+_WARNED: set[Hashable] = set()
+_STATISTICS = {"compiled": 0, "fallbacks": 0}
+
+
+def statistics() -> dict[str, int]:
+    """How many artefacts were compiled and how many configurations fell back (for tests)."""
+    return dict(_STATISTICS, cached=len(_ARTEFACTS))
+
+
+def reset() -> None:
+    """Forget every compiled artefact, fallback and warning (for tests)."""
+    _ARTEFACTS.clear()
+    _FAILED_FAMILIES.clear()
+    _WARNED.clear()
+
+
+def _run(
+    options: Compile, family: Hashable, build: Callable[[], Callable[..., Any]], trees: tuple
+) -> Any:
+    """Run `build()(*trees)` compiled, or return `_NOT_COMPILED` for the caller to run eagerly."""
+    flat, spec = pytree.tree_flatten(trees)
+    positions = [i for i, leaf in enumerate(flat) if isinstance(leaf, torch.Tensor)]
+    tensors = [flat[i] for i in positions]
+    statics = tuple(None if isinstance(leaf, torch.Tensor) else leaf for leaf in flat)
+    meta = tuple((t.shape, t.dtype, t.device, t.requires_grad) for t in tensors)
+    family = (options, family)
+    key = (family, spec, statics, meta, torch.is_grad_enabled())
+    try:
+        artefact = _ARTEFACTS.get(key)
+    except TypeError as error:  # an unhashable condition, solver or argument
+        _warn_once(type(error), f"a part of the configuration is not hashable ({error}).")
+        return _NOT_COMPILED
+    if artefact is _FAILED or family in _FAILED_FAMILIES:
+        return _NOT_COMPILED
+    if artefact is not None:
+        _ARTEFACTS.move_to_end(key)
+        return _finish(artefact(*tensors), options)
+
+    fn = build()
+
+    def rebuild(values: Sequence[torch.Tensor]) -> tuple:
+        full = list(statics)
+        for i, value in zip(positions, values, strict=True):
+            full[i] = value
+        return pytree.tree_unflatten(full, spec)
+
+    def entry(*values: torch.Tensor) -> Any:
+        return fn(*rebuild(values))
+
+    compiled = _compile(
+        _fresh_function(entry, f"implicitfn_compiled_{_STATISTICS['compiled']}"), options
+    )
+    try:
+        with warnings.catch_warnings():  # torch's own deprecation notes while compiling
+            warnings.filterwarnings("ignore", module=r"torch\.")
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            output = compiled(*tensors)
+    except Exception as error:  # noqa: BLE001 - any failure to compile means: run eagerly
+        reason = f"{type(error).__name__}: {_first_line(error)}"
+        _fail(family, key, reason)
+        return _NOT_COMPILED
+    _STATISTICS["compiled"] += 1
+    expected = fn(*trees)
+    mismatch = _mismatch(output, expected)
+    if mismatch is not None:
+        _fail(family, key, f"the compiled result differs from the eager one ({mismatch})")
+        return expected
+    _ARTEFACTS[key] = compiled
+    while len(_ARTEFACTS) > _MAX_ARTEFACTS:
+        _ARTEFACTS.popitem(last=False)
+    return _finish(output, options)
+
+
+def _compile(fn: Callable[..., Any], options: Compile) -> Callable[..., Any]:
+    kwargs: dict[str, Any] = {"fullgraph": True, "dynamic": False, "backend": options.backend}
+    if options.backend == "inductor" and options.mode != "default":
+        kwargs["mode"] = options.mode
+    return torch.compile(fn, **kwargs)
+
+
+def _fresh_function(fn: Callable[..., Any], name: str) -> Callable[..., Any]:
+    """A wrapper of `fn` with a code object of its own.
+
+    Dynamo keeps its cache on the code object: without this, every artefact (all closures of one
+    function) would share one cache and its recompile limit.
+    """
+
+    def entry(*tensors: torch.Tensor) -> Any:
+        return fn(*tensors)
+
+    changes: dict[str, Any] = {"co_name": name}
+    if sys.version_info >= (3, 11):
+        changes["co_qualname"] = name
+    code = entry.__code__.replace(**changes)
+    return types.FunctionType(code, entry.__globals__, name, None, entry.__closure__)
+
+
+def _finish(output: Any, options: Compile) -> Any:
+    if options.mode == "reduce-overhead":  # CUDA graphs reuse their output buffers
+        return pytree.tree_map(
+            lambda t: t.clone() if isinstance(t, torch.Tensor) and t.is_cuda else t, output
+        )
+    return output
+
+
+def _mismatch(actual: Any, expected: Any) -> str | None:
+    """Why two outputs differ beyond rounding, or None.
+
+    Floating leaves are compared by the relative norm of their difference over the whole output
+    against $\\varepsilon^{1/3}$ of the dtype (5e-3 in float32, 6e-6 in float64): loose enough
+    for reassociated sums amplified by an ill-conditioned solve, tight enough to catch a wrong
+    graph. Other leaves must be equal.
+    """
+    flat_a, spec_a = pytree.tree_flatten(actual)
+    flat_e, spec_e = pytree.tree_flatten(expected)
+    if spec_a != spec_e:
+        return f"structure {spec_a} instead of {spec_e}"
+    squared_error, squared_norm, eps = 0.0, 0.0, 0.0
+    for a, e in zip(flat_a, flat_e, strict=True):
+        if not isinstance(e, torch.Tensor):
+            if a is not e and a != e:
+                return f"{a!r} instead of {e!r}"
+            continue
+        if not isinstance(a, torch.Tensor) or a.shape != e.shape or a.dtype != e.dtype:
+            return f"{a!r} instead of a {e.dtype} tensor of shape {tuple(e.shape)}"
+        if not e.is_floating_point():
+            continue
+        eps = max(eps, torch.finfo(e.dtype).eps)
+        a, e = a.detach().double(), e.detach().double()
+        finite = torch.isfinite(e)
+        if not torch.equal(torch.isfinite(a), finite):
+            return "NaN/Inf in different places"
+        squared_error += float(((a - e)[finite] ** 2).sum())
+        squared_norm += float((e[finite] ** 2).sum())
+    tolerance = eps ** (1 / 3)
+    if squared_error > tolerance**2 * squared_norm:
+        relative = math.sqrt(squared_error / squared_norm) if squared_norm else math.inf
+        return f"relative difference {relative:.1e}"
+    return None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else "no message"
+
+
+def _fail(family: Hashable, key: Hashable, reason: str) -> None:
+    _STATISTICS["fallbacks"] += 1
+    _ARTEFACTS[key] = _FAILED
+    _FAILED_FAMILIES.add(family)
+    _warn_once(
+        family,
+        f"could not compile the backward pass ({reason}); it runs eagerly from now on, with "
+        "the same results at eager speed. Common causes: Python control flow on tensor values "
+        "in a loss, an operation torch.compile cannot capture, or no working C++ compiler "
+        "(inductor on CPU needs one; compile=implicitfn.Compile(backend='aot_eager') needs none).",
+    )
+
+
+def _warn_once(family: Hashable, message: str) -> None:
+    if family in _WARNED:
+        return
+    _WARNED.add(family)
+    warnings.warn(f"implicitfn: {message}", CompileWarning, stacklevel=3)

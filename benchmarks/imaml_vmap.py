@@ -57,7 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--fast", action="store_true", help="T = 4, 16 and two repeats")
-    parser.add_argument("--plot", type=Path, default=Path("imaml_vmap.png"))
+    parser.add_argument("--plot", type=Path, default=Path("outputs") / "imaml_vmap.png")
     args = parser.parse_args(argv)
     if args.fast:
         args.tasks, args.repeats = "4,16", 2
@@ -295,6 +295,7 @@ def plot(rows, args) -> None:
     )
     ax.legend()
     fig.tight_layout()
+    args.plot.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.plot, dpi=120)
     plt.close(fig)
     print(f"saved {args.plot}")

@@ -379,27 +379,52 @@ def reset() -> None:
     _WARNED.clear()
 
 
+class _Key:
+    """A cache key whose hash is computed once (tree specs hash recursively)."""
+
+    __slots__ = ("hash", "parts")
+
+    def __init__(self, parts: tuple) -> None:
+        self.parts = parts
+        self.hash = hash(parts)
+
+    def __hash__(self) -> int:
+        return self.hash
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Key) and self.hash == other.hash and self.parts == other.parts
+
+
 def _run(
     options: Compile, family: Hashable, build: Callable[[], Callable[..., Any]], trees: tuple
 ) -> Any:
-    """Run `build()(*trees)` compiled, or return `_NOT_COMPILED` for the caller to run eagerly."""
+    """Run `build()(*trees)` compiled, or return `_NOT_COMPILED` for the caller to run eagerly.
+
+    Unless a graph must be recorded through it (grad mode on and an input requiring grad: a
+    derivative of the hypergradient), it runs without grad on detached inputs, so the backward
+    pass (grad off, saved inputs requiring grad) and a plain call share one inference graph.
+    """
     flat, spec = pytree.tree_flatten(trees)
     positions = [i for i, leaf in enumerate(flat) if isinstance(leaf, torch.Tensor)]
     tensors = [flat[i] for i in positions]
+    differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    if not differentiable:
+        tensors = [t.detach() for t in tensors]
     statics = tuple(None if isinstance(leaf, torch.Tensor) else leaf for leaf in flat)
     meta = tuple((t.shape, t.dtype, t.device, t.requires_grad) for t in tensors)
     family = (options, family)
-    key = (family, spec, statics, meta, torch.is_grad_enabled())
     try:
-        artefact = _ARTEFACTS.get(key)
+        key = _Key((family, spec, statics, meta))
     except TypeError as error:  # an unhashable condition, solver or argument
         _warn_once(type(error), f"a part of the configuration is not hashable ({error}).")
         return _NOT_COMPILED
+    artefact = _ARTEFACTS.get(key)
     if artefact is _FAILED or family in _FAILED_FAMILIES:
         return _NOT_COMPILED
     if artefact is not None:
         _ARTEFACTS.move_to_end(key)
-        return _finish(artefact(*tensors), options)
+        with torch.set_grad_enabled(differentiable):
+            return _finish(artefact(*tensors), options)
 
     fn = build()
 
@@ -412,20 +437,19 @@ def _run(
     def entry(*values: torch.Tensor) -> Any:
         return fn(*rebuild(values))
 
-    compiled = _compile(
-        _fresh_function(entry, f"implicitfn_compiled_{_STATISTICS['compiled']}"), options
-    )
-    try:
-        with warnings.catch_warnings():  # torch's own deprecation notes while compiling
-            warnings.filterwarnings("ignore", module=r"torch\.")
-            warnings.filterwarnings("ignore", category=DeprecationWarning)
-            output = compiled(*tensors)
-    except Exception as error:  # noqa: BLE001 - any failure to compile means: run eagerly
-        reason = f"{type(error).__name__}: {_first_line(error)}"
-        _fail(family, key, reason)
-        return _NOT_COMPILED
-    _STATISTICS["compiled"] += 1
-    expected = fn(*trees)
+    name = f"implicitfn_compiled_{len(_ARTEFACTS)}_{_STATISTICS['compiled']}"
+    compiled = _compile(_fresh_function(entry, name), options)
+    with torch.set_grad_enabled(differentiable):
+        try:
+            with warnings.catch_warnings():  # torch's own deprecation notes while compiling
+                warnings.filterwarnings("ignore", module=r"torch\.")
+                warnings.filterwarnings("ignore", category=DeprecationWarning)
+                output = compiled(*tensors)
+        except Exception as error:  # noqa: BLE001 - any failure to compile means: run eagerly
+            _fail(family, key, f"{type(error).__name__}: {_first_line(error)}")
+            return _NOT_COMPILED
+        _STATISTICS["compiled"] += 1
+        expected = fn(*rebuild(tensors))  # the first result is checked against eager
     mismatch = _mismatch(output, expected)
     if mismatch is not None:
         _fail(family, key, f"the compiled result differs from the eager one ({mismatch})")

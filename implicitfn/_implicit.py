@@ -154,20 +154,19 @@ class _Backward:
         if spec is not None and compiled is None and can_ravel([*params, *leaves(rhs)]):
             shapes = tuple(p.shape for p in params)
             rhs = ravel_leaves(rhs)
-        # One linearisation for A^T u and B^T u (exact Hessian, reverse mode).
+        # One linearisation for A^T u and B^T u (exact Hessian, reverse mode), on flat vectors.
         joint = None
         if (
             selected is not None
             and transpose
-            and spec is not None
-            and compiled is None
+            and shapes is not None
             and type(self.curvature) is Hessian
             and self.curvature.mode == "reverse-over-reverse"
         ):
             joint = linearize_reverse(condition, params, hparams, args, selected)
 
         def finish(operator: AbstractLinearOperator, transposed: bool) -> AbstractLinearOperator:
-            if shapes is not None:
+            if shapes is not None and not transposed:
                 operator = RaveledOperator(operator, shapes, rhs)
             if self.distributed is not None:  # each product averaged over ranks
                 operator = self.distributed.operator(operator)
@@ -181,7 +180,7 @@ class _Backward:
 
         if joint is not None:
             tags = {SYMMETRIC} if condition.symmetric else set()
-            main = finish(FunctionLinearOperator(joint[0], params, tags=tags), True)
+            main = finish(FunctionLinearOperator(joint[0], rhs, tags=tags), True)  # flat, A^T
         else:
             main = None
 
@@ -197,17 +196,14 @@ class _Backward:
         self.report(info, solution)
         if self.memory is not None:
             self.memory.remember(transpose, solution, info)
+        products = None
+        if joint is not None:
+            products = joint[1](torch.neg(solution))
         if shapes is not None:
             solution = unravel_leaves(solution, shapes)
-        products = None
-        if selected is not None and compiled is None and spec is not None:
+        if products is None and selected is not None and compiled is None and spec is not None:
             negative = [torch.neg(t) for t in solution]
-            if joint is not None:
-                products = joint[1](negative)
-            else:
-                products = mixed_product(
-                    condition, params, hparams, args, selected, cotangent=negative
-                )
+            products = mixed_product(condition, params, hparams, args, selected, cotangent=negative)
         return (solution if spec is None else pytree.tree_unflatten(solution, spec)), products
 
     def report(self, info: SolveInfo, solution: Tree) -> None:

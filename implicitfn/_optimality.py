@@ -20,7 +20,7 @@ from implicitfn._curvature import (
 )
 from implicitfn._operator import AbstractLinearOperator
 from implicitfn._solution import under_transform
-from implicitfn._tree import Tree, leaves, tree_sub
+from implicitfn._tree import Tree, leaves, ravel_leaves, tree_sub, unravel_leaves
 
 __all__ = [
     "AbstractOptimalityCondition",
@@ -289,18 +289,20 @@ def mixed_product(
 
 def linearize_reverse(
     condition: AbstractOptimalityCondition,
-    params: Tree,
+    params: list[torch.Tensor],
     hparams: Tree,
     args: Sequence[Any],
     selected: Sequence[bool],
-) -> tuple[Callable[[Tree], Tree], Callable[[Tree], list[Any]]]:
+) -> tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], list[Any]]]:
     r"""$u \mapsto A^\top u$ and $u \mapsto B^\top u$ from one linearisation of $F$ in $(w, \lambda)$.
 
     The exact (reverse-over-reverse) reverse pass needs both products of the same Jacobian;
     linearising $F$ once instead of once per product type saves one evaluation of $F$ (for
-    stationarity, one gradient) per hypergradient. `selected` marks the leaves of
-    `pytree.tree_flatten((hparams, tuple(args)))` that $B^\top u$ is wanted for; it returns
-    them as `mixed_product` does.
+    stationarity, one gradient) per hypergradient. `params` is a list of leaves that
+    `_tree.can_ravel` accepts, and both products take $u$ raveled into one vector (`A^T u` is
+    one too), so that a product is a single backward call with no tree in sight. `selected`
+    marks the leaves of `pytree.tree_flatten((hparams, tuple(args)))` that $B^\top u$ is
+    wanted for; it returns them as `mixed_product` does.
 
     Eagerly, when no input carries an outer graph that the result must stay connected to, $F$
     is recorded with plain autograd and each product asks only for the cotangents it needs:
@@ -311,40 +313,35 @@ def linearize_reverse(
     """
     function, flat, positions = _selected_inputs(condition, hparams, args, selected)
     primals = [flat[i] for i in positions]
-    inputs = [*leaves(params), *primals]
-    if under_transform() or (torch.is_grad_enabled() and any(t.requires_grad for t in inputs)):
-        _, pullback = vjp(function, params, *primals)
+    shapes = tuple(p.shape for p in params)
+
+    def raveled(vector: torch.Tensor, *chosen: torch.Tensor) -> torch.Tensor:
+        return ravel_leaves(leaves(function(unravel_leaves(vector, shapes), *chosen)))
+
+    vector = ravel_leaves(params)
+    if under_transform() or (
+        torch.is_grad_enabled() and any(t.requires_grad for t in [*params, *primals])
+    ):
+        _, pullback = vjp(raveled, vector, *primals)
         return (
             lambda u: pullback(u)[0],
             lambda u: _scatter(pullback(u)[1:], positions, len(flat)),
         )
 
-    spec = pytree.tree_structure(params)
     with torch.enable_grad():
-        params_leaves = [t.detach().requires_grad_() for t in leaves(params)]
+        vector = vector.detach().requires_grad_()
         chosen = [t.detach().requires_grad_() for t in primals]
-        residual = leaves(function(pytree.tree_unflatten(params_leaves, spec), *chosen))
-    outputs = [r for r in residual if r.requires_grad]
+        residual = raveled(vector, *chosen)
 
-    def pull(u: Tree, wrt: list[torch.Tensor]) -> list[torch.Tensor]:
-        if not wrt:
-            return []
-        if not outputs:  # F does not depend on any input: the products are zero
-            return [torch.zeros_like(t) for t in wrt]
-        cotangents = [c for c, r in zip(leaves(u), residual, strict=True) if r.requires_grad]
-        return list(
-            torch.autograd.grad(
-                outputs,
-                wrt,
-                cotangents,
-                retain_graph=True,
-                allow_unused=True,
-                materialize_grads=True,
-            )
+    def pull(u: torch.Tensor, wrt: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        if not wrt or not residual.requires_grad:  # no input, or F does not depend on them
+            return tuple(torch.zeros_like(t) for t in wrt)
+        return torch.autograd.grad(
+            residual, wrt, u, retain_graph=True, allow_unused=True, materialize_grads=True
         )
 
     return (
-        lambda u: pytree.tree_unflatten(pull(u, params_leaves), spec),
+        lambda u: pull(u, [vector])[0],
         lambda u: _scatter(pull(u, chosen), positions, len(flat)),
     )
 

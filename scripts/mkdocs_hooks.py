@@ -1,8 +1,10 @@
 """mkdocs hook: list every documentation page in the navigation, including pages added later.
 
-`mkdocs.yml` names the pages that exist; this hook appends any other Markdown page under `docs/`
-(outside `api/`) to the section it belongs to, so a new tutorial shows up in the navigation
-(and does not sit orphaned outside it) without an edit to `mkdocs.yml`. Each addition is logged.
+`mkdocs.yml` names the pages that exist; this hook adds any other Markdown page under `docs/`
+(outside `api/`) where it belongs, so a new page shows up in the navigation (and does not sit
+orphaned outside it) before anyone edits `mkdocs.yml`: `tutorials/*.md` to "Tutorials",
+`compare.md` and `solvers-advanced.md` after the solver guide, any other page among the guides,
+just before the API reference. Each addition is logged.
 """
 
 from __future__ import annotations
@@ -12,10 +14,10 @@ import pathlib
 
 log = logging.getLogger("mkdocs.hooks.nav")
 
-# Pages written alongside the solver guide go right after it; everything else is a tutorial.
 AFTER_SOLVER_GUIDE = ("compare.md", "solvers-advanced.md")
 SOLVER_GUIDE = "choosing-a-solver.md"
 TUTORIALS = "Tutorials"
+API_REFERENCE = "API reference"
 
 
 def _paths(item) -> list[str]:
@@ -51,7 +53,15 @@ def on_config(config):
         where = _position(nav, SOLVER_GUIDE)
         nav.insert(len(nav) if where is None else where + 1, page)
         log.info("nav: added %s after %s", page, SOLVER_GUIDE)
-    tutorials = [p for p in missing if p not in AFTER_SOLVER_GUIDE]
+    tutorials = [p for p in missing if p.startswith("tutorials/")]
+    guides = [p for p in missing if p not in AFTER_SOLVER_GUIDE and p not in tutorials]
+    for page in guides:
+        where = next(
+            (i for i, item in enumerate(nav) if isinstance(item, dict) and API_REFERENCE in item),
+            len(nav),
+        )
+        nav.insert(where, page)
+        log.info("nav: added %s before the %s", page, API_REFERENCE)
     if tutorials:
         section = next((item for item in nav if isinstance(item, dict) and TUTORIALS in item), None)
         if section is None:

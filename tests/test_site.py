@@ -32,7 +32,9 @@ def test_browser_check_fails_without_chromium_only_under_ci(ci, status, monkeypa
 
 def test_nav_hook_lists_pages_missing_from_mkdocs_yml(tmp_path):
     hooks = load("mkdocs_hooks")
-    for page in ("index.md", "choosing-a-solver.md", "compare.md", "tutorials/new.md", "api/x.md"):
+    pages = ("index.md", "choosing-a-solver.md", "compare.md", "tutorials/new.md", "guide.md",
+             "api/x.md")
+    for page in pages:
         (tmp_path / page).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / page).write_text("# page\n")
     nav = [{"Home": "index.md"}, {"How to choose a solver": "choosing-a-solver.md"},
@@ -42,4 +44,4 @@ def test_nav_hook_lists_pages_missing_from_mkdocs_yml(tmp_path):
     guide = nav.index({"How to choose a solver": "choosing-a-solver.md"})
     assert nav[guide + 1] == "compare.md"  # right after the solver guide
     assert nav[guide - 1] == {"Tutorials": ["tutorials/new.md"]}  # a new section before it
-    assert "api/x.md" not in nav  # API pages stay where mkdocs.yml puts them
+    assert nav[-2:] == ["guide.md", {"API reference": [{"X": "api/x.md"}]}]  # other pages

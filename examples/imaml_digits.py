@@ -93,7 +93,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     if args.fast:
-        args.meta_steps, args.eval_tasks, args.eval_every = 30, 100, 15
+        args.meta_steps, args.eval_tasks, args.eval_every = 30, 100, 30
         args.inner_steps, args.scratch_steps = 30, 100
     for name in POSITIVE_INTS:
         if getattr(args, name) <= 0:

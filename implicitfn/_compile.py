@@ -363,6 +363,7 @@ _NOT_COMPILED = object()
 _FAILED = object()
 _ARTEFACTS: collections.OrderedDict[Hashable, Any] = collections.OrderedDict()
 _FAILED_FAMILIES: set[Hashable] = set()
+_FAILED_OPTIONS: set[Compile] = set()
 _WARNED: set[Hashable] = set()
 _STATISTICS = {"compiled": 0, "fallbacks": 0}
 
@@ -376,6 +377,7 @@ def reset() -> None:
     """Forget every compiled artefact, fallback and warning (for tests)."""
     _ARTEFACTS.clear()
     _FAILED_FAMILIES.clear()
+    _FAILED_OPTIONS.clear()
     _WARNED.clear()
 
 
@@ -419,7 +421,7 @@ def _run(
         _warn_once(type(error), f"a part of the configuration is not hashable ({error}).")
         return _NOT_COMPILED
     artefact = _ARTEFACTS.get(key)
-    if artefact is _FAILED or family in _FAILED_FAMILIES:
+    if artefact is _FAILED or family in _FAILED_FAMILIES or options in _FAILED_OPTIONS:
         return _NOT_COMPILED
     if artefact is not None:
         _ARTEFACTS.move_to_end(key)
@@ -446,7 +448,7 @@ def _run(
                 warnings.filterwarnings("ignore", category=DeprecationWarning)
                 output = compiled(*tensors)
         except Exception as error:  # noqa: BLE001 - any failure to compile means: run eagerly
-            _fail(family, key, f"{type(error).__name__}: {_first_line(error)}")
+            _fail(family, key, f"{type(error).__name__}: {_first_line(error)}", error)
             return _NOT_COMPILED
         _STATISTICS["compiled"] += 1
         expected = fn(*rebuild(tensors))  # the first result is checked against eager
@@ -533,17 +535,38 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else "no message"
 
 
-def _fail(family: Hashable, key: Hashable, reason: str) -> None:
+_WHAT = {
+    "solve": "the backward solve",
+    "product": "a curvature product",
+    "mixed": "the mixed product",
+    "outer": "the outer gradient",
+}
+
+
+def _fail(family: tuple, key: _Key, reason: str, error: BaseException | None = None) -> None:
+    """Remember that `family` runs eagerly, and say so once per options and kind of failure."""
+    options, inner = family
     _STATISTICS["fallbacks"] += 1
     _ARTEFACTS[key] = _FAILED
     _FAILED_FAMILIES.add(family)
+    if error is not None and _caused_by(error, "InvalidCxxCompiler"):
+        _FAILED_OPTIONS.add(options)  # nothing else will compile either: stop trying
+    what = _WHAT.get(inner[0], "the backward pass") if isinstance(inner, tuple) else "a function"
     _warn_once(
-        family,
-        f"could not compile the backward pass ({reason}); it runs eagerly from now on, with "
-        "the same results at eager speed. Common causes: Python control flow on tensor values "
-        "in a loss, an operation torch.compile cannot capture, or no working C++ compiler "
-        "(inductor on CPU needs one; compile=implicitfn.Compile(backend='aot_eager') needs none).",
+        (options, reason.split(":")[0]),
+        f"compile={options!r} could not compile {what} ({reason}); it runs eagerly from now "
+        "on, with the same results at eager speed. Common causes: Python control flow on tensor "
+        "values in a loss, an operation torch.compile cannot capture, or no working C++ "
+        "compiler (inductor on CPU needs one; Compile(backend='aot_eager') needs none).",
     )
+
+
+def _caused_by(error: BaseException | None, name: str) -> bool:
+    while error is not None:
+        if type(error).__name__ == name or name in str(error).split(":")[0]:
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def _warn_once(family: Hashable, message: str) -> None:

@@ -1,5 +1,6 @@
 """`implicitfn compare`: the runner on a tiny problem, its outputs, and the command line."""
 
+import dataclasses
 import json
 
 import pytest
@@ -11,10 +12,12 @@ from implicitfn.__main__ import main
 from implicitfn.compare import (
     CompareConfig,
     Problem,
+    format_table,
     make_problem,
     method_names,
     problem_names,
     run,
+    save_plot,
     write_outputs,
 )
 
@@ -154,6 +157,16 @@ def test_json_table_and_plot_are_written(comparison, tmp_path):
     table = paths["table"].read_text()
     assert "| method | curvature | k |" in table and "| Dense | Hessian | — | 6 |" in table
     assert paths["plot"].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_reference_that_is_not_a_minimum_is_flagged(comparison, tmp_path):
+    reference = dict(comparison.reference, hessian_positive_definite=False)
+    reference.update(hessian_eigenvalue_min=None, condition_number=None)
+    flagged = dataclasses.replace(comparison, reference=reference)
+    table = format_table(flagged)
+    assert "NOT positive definite" in table and "WARNING: the inner problem is not" in table
+    assert save_plot(flagged, tmp_path / "plot.png").stat().st_size > 0
+    assert "WARNING" not in format_table(comparison)
 
 
 def test_same_seed_same_table():

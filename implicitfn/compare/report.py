@@ -193,10 +193,14 @@ def save_plot(comparison: Comparison, path: str | pathlib.Path) -> pathlib.Path:
     by_steps.set_xlabel("budget k (max_steps / steps / rank; unrolled steps)")
     by_steps.set_ylabel("relative error to the dense reference")
     by_time.set_xlabel("time [training-loss gradient evaluations]")
-    problem, reference = comparison.problem, comparison.reference
+    problem, condition = comparison.problem, comparison.reference.get("condition_number")
+    spectrum = (
+        "Hessian not positive definite"
+        if condition is None
+        else f"condition number {condition:.3g}"
+    )
     figure.suptitle(
-        f"{problem['name']}: n = {problem.get('num_params')}, condition number "
-        f"{reference.get('condition_number', math.nan):.3g}, "
+        f"{problem['name']}: n = {problem.get('num_params')}, {spectrum}, "
         f"{comparison.environment.get('threads')} thread(s)"
     )
     if colors:  # an empty legend would warn

@@ -127,16 +127,24 @@ def under_transform() -> bool:
 def concrete(tensor: torch.Tensor) -> torch.Tensor:
     """The plain tensor under any functorch wrappers (batch dims become real dims), detached.
 
-    Private functorch API, used only to *read* values for checks and reports.
+    Private functorch API, used only to *read* values for checks, loop control and reports.
+    Operations on the unwrapped tensor run with functorch disabled, or an active `grad` level
+    would wrap the result again.
     """
     functorch = torch._C._functorch
+
+    def outside_functorch(fn, t: torch.Tensor) -> torch.Tensor:
+        if functorch.is_functorch_wrapped_tensor(t):
+            return fn(t)
+        with torch._C._DisableFuncTorch():
+            return fn(t)
+
     while functorch.is_functorch_wrapped_tensor(tensor):
-        if functorch.is_batchedtensor(tensor):
-            bdim = functorch.maybe_get_bdim(tensor)
-            tensor = functorch.get_unwrapped(tensor).movedim(bdim, 0)
-        else:
-            tensor = functorch.get_unwrapped(tensor)
-    return tensor.detach()
+        batch_dim = functorch.maybe_get_bdim(tensor) if functorch.is_batchedtensor(tensor) else None
+        tensor = functorch.get_unwrapped(tensor)
+        if batch_dim is not None:
+            tensor = outside_functorch(lambda t, d=batch_dim: t.movedim(d, 0), tensor)
+    return outside_functorch(torch.Tensor.detach, tensor)
 
 
 def all_finite(tree: Any) -> bool:

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from implicitfn._operator import AbstractLinearOperator
-from implicitfn._solution import SolveInfo, all_finite, under_transform
+from implicitfn._solution import SolveInfo, all_finite, concrete, under_transform
 from implicitfn._tree import Tree, describe, leaves, same_structure, tree_where
 
 State = tuple[Any, ...]
@@ -128,9 +128,10 @@ def iterate(
     """Run `step` until `done(state)` or `max_steps`; the only loop the solvers use.
 
     Eagerly it stops early. Under `torch.func` transforms a Python branch on a tensor value is
-    impossible (vmap), and under `torch.compile` it would break the graph, so it then runs all
-    `max_steps` and freezes the state of every solve that is done: the result is the same
-    either way.
+    impossible (vmap), and under `torch.compile` it would break the graph, so it then freezes
+    the state of every solve that is done and steps the rest; it stops when all of a batch are
+    done (read through the functorch wrappers; compiled code runs all `max_steps`). The result
+    is the same either way.
     """
     if not under_transform() and not torch.compiler.is_compiling():
         for _ in range(max_steps):
@@ -138,7 +139,11 @@ def iterate(
                 break
             state = step(state)
         return state
+    compiling = torch.compiler.is_compiling()
     for _ in range(max_steps):
         finished = done(state)
+        # Reading the flags through the wrappers stops a batch once every solve in it is done.
+        if not compiling and bool(concrete(finished).all()):
+            break
         state = tree_where(finished, state, step(state))
     return state

@@ -12,7 +12,7 @@ PIP_NO_INPUT    ?= 1
 NO_MKDOCS_2_WARNING ?= 1
 export OMP_NUM_THREADS MPLBACKEND PIP_NO_INPUT NO_MKDOCS_2_WARNING
 
-.PHONY: venv demo test lint pytest docs docs-serve browser-check examples-fast clean distclean
+.PHONY: venv demo test lint pytest docs docs-serve browser-check examples-fast benchmarks-fast clean distclean
 
 venv: $(STAMP)
 
@@ -52,6 +52,14 @@ examples-fast: venv
 	@set -e; for f in examples/*.py; do \
 		[ -e "$$f" ] || { echo "no examples/*.py"; break; }; \
 		echo "== $$f --fast"; $(PY) "$$f" --fast; \
+	done
+
+# The benchmarks behind docs/performance.md in their quick mode (each well under 30 s), so
+# that they cannot rot; the full runs and their numbers are on that page.
+BENCHMARKS_FAST := peers cost_model scale hessian_modes
+benchmarks-fast: venv
+	@set -e; for b in $(BENCHMARKS_FAST); do \
+		echo "== benchmarks/$$b.py --fast"; $(PY) benchmarks/$$b.py --fast; \
 	done
 
 clean:

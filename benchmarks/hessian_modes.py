@@ -2,7 +2,8 @@
 
 Prints the time of one product (after linearising, and including the linearisation amortised
 over k products) and a vmapped batch of products against a Python loop, as ratios measured in
-the same run. Run: `python benchmarks/hessian_modes.py [--threads 1] [--repeats 20]`.
+the same run. Run: `python benchmarks/hessian_modes.py [--threads 1] [--repeats 20]`, or with
+`--fast` (3 repeats, 4 vectors: CI, a few seconds).
 """
 
 from __future__ import annotations
@@ -63,7 +64,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--batch", type=int, default=16, help="vectors in the vmapped batch")
+    parser.add_argument("--fast", action="store_true", help="3 repeats, 4 vectors (CI)")
     args = parser.parse_args()
+    if args.fast:
+        args.repeats, args.batch = 3, 4
     torch.set_num_threads(args.threads)
 
     loss, params, hparams, data = digits_mlp(args.hidden)

@@ -40,8 +40,9 @@ from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
+from torch.func import grad
 
-from implicitfn._curvature import AbstractCurvature, GaussNewton
+from implicitfn._curvature import AbstractCurvature, GaussNewton, Hessian, scalar_loss
 from implicitfn._linear_solve import CG, AbstractLinearSolver, Dense, FixedPoint, Identity, Neumann
 from implicitfn._linear_solve._base import check_vector
 from implicitfn._operator import (
@@ -52,7 +53,7 @@ from implicitfn._operator import (
 )
 from implicitfn._optimality import AbstractOptimalityCondition, mixed_product, on_leaves
 from implicitfn._solution import SolveInfo, under_transform
-from implicitfn._tree import Tree
+from implicitfn._tree import Tree, tree_add
 
 __all__ = ["Compile", "CompileWarning"]
 
@@ -201,6 +202,20 @@ def scope(options: Compile | None, solver: AbstractLinearSolver, distributed: bo
     return "solve"
 
 
+def _whole(backward: Any) -> bool:
+    """Whether `backward` compiles whole solves now (and none of them failed before)."""
+    chosen = scope(backward.compile, backward.solver, backward.distributed is not None)
+    return chosen == "solve" and (backward.compile, backward.condition) not in _FAILED_SOLVES
+
+
+def _flat_spec(backward: Any, params: Tree) -> pytree.TreeSpec | None:
+    """The structure of `params` when the eager path solves on leaf lists too (else None)."""
+    structure = pytree.tree_structure(params)
+    if not isinstance(backward.curvature, (Hessian, GaussNewton)):
+        return None
+    return structure if on_leaves(backward.condition, structure) is not None else None
+
+
 # ---------------------------------------------------------------------------------------------
 # The three compiled computations of the backward pass.
 
@@ -242,6 +257,96 @@ def solve(
     trees = (params, hparams, tuple(args), rhs, initial)
     result = _run(backward.compile, family, build, trees)
     return None if result is _NOT_COMPILED else result
+
+
+def _reverse_fn(
+    backward: Any, spec: pytree.TreeSpec | None, selected: Sequence[bool]
+) -> Callable[..., Any]:
+    """`(params, hparams, args, rhs, initial) -> (v, info, -B^T v)` with $A^\\top v = $ `rhs`:
+    the eager reverse pass (`_Backward._solve` then `mixed_product`) as one function to trace."""
+    condition, curvature, solver = backward.condition, backward.curvature, backward.solver
+    damping, selected = backward.damping, list(selected)
+    flat = condition if spec is None else on_leaves(condition, spec)
+
+    def reverse(params, hparams, args, rhs, initial):
+        if spec is not None:
+            params, rhs = pytree.tree_leaves(params), pytree.tree_leaves(rhs)
+        operator = damp(flat.linearize(curvature, params, hparams, *args), damping).transpose()
+        solution, info = solver._solve(operator, rhs, initial)
+        negative = pytree.tree_map(torch.neg, solution)
+        products = mixed_product(flat, params, hparams, args, selected, cotangent=negative)
+        return solution, info, products
+
+    return reverse
+
+
+def reverse(
+    backward: Any, params: Tree, hparams: Tree, args: Sequence[Any], rhs: Tree, selected: list
+) -> list[torch.Tensor | None] | None:
+    """`_Backward.reverse` as one compiled graph (solve and mixed product); None when it does
+    not apply or fell back. Reports and remembers (warm start) like the eager path."""
+    if not _whole(backward):
+        return None
+    check_vector(rhs, params, "vector")
+    spec = _flat_spec(backward, params)
+    memory = backward.memory
+    initial = None if memory is None else memory.initial(True, _leaves_if(spec, rhs))
+    family = ("reverse", backward.condition, spec, backward.curvature, backward.solver)
+    family += (backward.damping, tuple(selected))
+    trees = (params, hparams, tuple(args), rhs, initial)
+    result = _run(backward.compile, family, lambda: _reverse_fn(backward, spec, selected), trees)
+    if result is _NOT_COMPILED:
+        return None
+    solution, info, products = result
+    backward.report(info, solution)
+    if memory is not None:
+        memory.remember(True, solution, info)
+    return products
+
+
+def hypergradient(
+    backward: Any,
+    outer_loss: Callable[..., torch.Tensor],
+    params: Tree,
+    hparams: Tree,
+    inner_args: tuple[Any, ...],
+    outer_args: tuple[Any, ...],
+) -> tuple[Tree, SolveInfo] | None:
+    """The whole of [`hypergradient`][implicitfn.hypergradient] (outer gradient, solve, mixed
+    product, sum) as one compiled graph; None when it does not apply or fell back."""
+    if not _whole(backward):
+        return None
+    spec = _flat_spec(backward, params)
+    hparams_leaves, hparams_spec = pytree.tree_flatten(hparams)
+    flat, inputs_spec = pytree.tree_flatten((hparams, inner_args))
+    selected = [i < len(hparams_leaves) for i in range(len(flat))]
+
+    def build() -> Callable[..., Any]:
+        reverse_fn = _reverse_fn(backward, spec, selected)
+        direct = grad(scalar_loss(outer_loss, "outer_loss"), argnums=(0, 1))
+
+        def whole(params, hparams, inner_args, outer_args):
+            direct_w, direct_h = direct(params, hparams, *outer_args)
+            solution, info, products = reverse_fn(params, hparams, inner_args, direct_w, None)
+            implicit, _ = pytree.tree_unflatten(products, inputs_spec)
+            total = pytree.tree_leaves(tree_add(direct_h, implicit))
+            return total, solution, info
+
+        return whole
+
+    family = ("hypergradient", outer_loss, backward.condition, spec, backward.curvature)
+    family += (backward.solver, backward.damping)
+    trees = (params, hparams, inner_args, outer_args)
+    result = _run(backward.compile, family, build, trees)
+    if result is _NOT_COMPILED:
+        return None
+    total, solution, info = result
+    backward.report(info, solution)
+    return pytree.tree_unflatten(total, hparams_spec), info.concrete()
+
+
+def _leaves_if(spec: pytree.TreeSpec | None, tree: Tree) -> Tree:
+    return tree if spec is None else pytree.tree_leaves(tree)
 
 
 def linearize(
@@ -364,6 +469,7 @@ _FAILED = object()
 _ARTEFACTS: collections.OrderedDict[Hashable, Any] = collections.OrderedDict()
 _FAILED_FAMILIES: set[Hashable] = set()
 _FAILED_OPTIONS: set[Compile] = set()
+_FAILED_SOLVES: set[tuple[Compile, Any]] = set()  # (options, condition): whole solves run eagerly
 _WARNED: set[Hashable] = set()
 _STATISTICS = {"compiled": 0, "fallbacks": 0}
 
@@ -378,6 +484,7 @@ def reset() -> None:
     _ARTEFACTS.clear()
     _FAILED_FAMILIES.clear()
     _FAILED_OPTIONS.clear()
+    _FAILED_SOLVES.clear()
     _WARNED.clear()
 
 
@@ -537,6 +644,8 @@ def _first_line(error: BaseException) -> str:
 
 _WHAT = {
     "solve": "the backward solve",
+    "reverse": "the backward solve and mixed product",
+    "hypergradient": "the hypergradient",
     "product": "a curvature product",
     "mixed": "the mixed product",
     "outer": "the outer gradient",
@@ -551,6 +660,8 @@ def _fail(family: tuple, key: _Key, reason: str, error: BaseException | None = N
     _FAILED_FAMILIES.add(family)
     if error is not None and _caused_by(error, "InvalidCxxCompiler"):
         _FAILED_OPTIONS.add(options)  # nothing else will compile either: stop trying
+    if isinstance(inner, tuple) and inner[0] in ("solve", "reverse", "hypergradient"):
+        _FAILED_SOLVES.add((options, inner[2] if inner[0] == "hypergradient" else inner[1]))
     what = _WHAT.get(inner[0], "the backward pass") if isinstance(inner, tuple) else "a function"
     _warn_once(
         (options, reason.split(":")[0]),

@@ -33,6 +33,7 @@ from implicitfn._optimality import (
     linearize_reverse,
     mixed_product,
     on_leaves,
+    plain_autograd,
     stationarity,
 )
 from implicitfn._solution import (
@@ -121,6 +122,9 @@ class _Backward:
     ) -> list[Any]:
         """The reverse pass: $-B^\\top v$ with $A^\\top v = $ `rhs`, for the `selected` leaves of
         `(hparams, args)` (None elsewhere), as `mixed_product` returns it."""
+        fused = _compile.reverse(self, params, hparams, args, rhs, selected)  # compiled, or None
+        if fused is not None:
+            return fused
         adjoint, products = self._solve(
             params, hparams, args, rhs, transpose=True, selected=selected
         )
@@ -379,6 +383,21 @@ def _check_args_finite(args: Sequence[Any]) -> None:
             )
 
 
+def _autograd_gradient(
+    loss: Callable[..., torch.Tensor], params: Tree, hparams: Tree, args: tuple[Any, ...]
+) -> tuple[Tree, Tree]:
+    """`grad(loss, argnums=(0, 1))(params, hparams, *args)` by plain autograd (see `plain_autograd`)."""
+    flat, spec = pytree.tree_flatten((params, hparams))
+    with torch.enable_grad():
+        inputs = [t.detach().requires_grad_() for t in flat]
+        value = loss(*pytree.tree_unflatten(inputs, spec), *args)
+        if value.requires_grad:
+            grads = torch.autograd.grad(value, inputs, materialize_grads=True)
+        else:
+            grads = tuple(torch.zeros_like(t) for t in inputs)
+    return pytree.tree_unflatten(list(grads), spec)
+
+
 def _detached(tree: Any) -> Any:
     return tree_map(lambda x: x.detach() if isinstance(x, torch.Tensor) else x, tree)
 
@@ -594,8 +613,15 @@ def hypergradient(
     _check_args_finite(tuple(inner_args))
     if reduction is not None:
         reduction.check()
+    fused = _compile.hypergradient(
+        backward, outer_loss, params, hparams, tuple(inner_args), tuple(outer_args)
+    )  # the whole hypergradient compiled into one graph, or None
+    if fused is not None:
+        return fused
 
     def direct(p: Tree, h: Tree, a: tuple[Any, ...]) -> tuple[Tree, Tree]:
+        if plain_autograd([*leaves(p), *leaves(h)]):  # eagerly, without functorch's wrapping
+            return _autograd_gradient(scalar_loss(outer_loss, "outer_loss"), p, h, a)
         return grad(scalar_loss(outer_loss, "outer_loss"), argnums=(0, 1))(p, h, *a)
 
     outer = (params, hparams, tuple(outer_args))

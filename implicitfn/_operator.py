@@ -69,7 +69,8 @@ class AbstractLinearOperator(abc.ABC):
         def column(e: torch.Tensor) -> torch.Tensor:
             return tree_ravel(self.mv(unravel(e)))[0]
 
-        return torch.func.vmap(column, out_dims=1)(basis)
+        # Chunked, so that the basis's intermediate products never all exist at once.
+        return torch.func.vmap(column, out_dims=1, chunk_size=256)(basis)
 
 
 def _check_tags(tags: Any) -> frozenset[str]:

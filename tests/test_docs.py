@@ -11,20 +11,25 @@ import types
 import pytest
 
 import implicitfn
+import implicitfn.compare
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 API_PAGES = "\n".join(path.read_text() for path in (ROOT / "docs" / "api").glob("*.md"))
 
 
 def public_names():
-    """(dotted name, object) for implicitfn.__all__, expanding public subpackages."""
+    """(dotted name, object) for implicitfn.__all__, expanding public subpackages, and for
+    implicitfn.compare (public, but not imported by `import implicitfn`)."""
+    modules = {"compare": implicitfn.compare}
     for name in implicitfn.__all__:
         obj = getattr(implicitfn, name)
         if isinstance(obj, types.ModuleType):
-            for inner in obj.__all__:
-                yield f"{name}.{inner}", getattr(obj, inner)
+            modules[name] = obj
         else:
             yield name, obj
+    for prefix, module in modules.items():
+        for inner in module.__all__:
+            yield f"{prefix}.{inner}", getattr(module, inner)
 
 
 @pytest.mark.parametrize("name, obj", list(public_names()), ids=lambda v: v if isinstance(v, str) else "")

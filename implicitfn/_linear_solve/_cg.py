@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 
 import torch
@@ -15,7 +16,7 @@ from implicitfn._linear_solve._base import (
 )
 from implicitfn._linear_solve._estimates import check_seed, hutchinson_diagonal
 from implicitfn._operator import AbstractLinearOperator
-from implicitfn._solution import SolveInfo
+from implicitfn._solution import SolveInfo, under_transform
 from implicitfn._tree import (
     Tree,
     tree_axpy,
@@ -115,6 +116,10 @@ class CG(AbstractLinearSolver):
 
     def _solve(self, operator, vector, initial):
         precondition, setup_products = self._preconditioner(operator)
+        if _plain_vector(vector, initial):
+            solved = self._solve_plain(operator, vector, initial, precondition, setup_products)
+            if solved is not None:
+                return solved
         if initial is None:
             x = tree_zeros_like(vector)
             r = vector
@@ -156,3 +161,81 @@ class CG(AbstractLinearSolver):
         healthy = ~broke & torch.isfinite(residual)
         converged = healthy if self.rtol is None else healthy & (residual <= tol)
         return x, SolveInfo(residual, rhs_norm, steps, converged, "CG")
+
+    def _solve_plain(self, operator, b, initial, precondition, setup_products):
+        """The same iteration on one plain vector, with Python-number scalars and in-place updates.
+
+        The step above is written for `torch.func` transforms (no Python branch on a tensor, a
+        new tree per operation): about 20 small kernels besides the product, 0.15 ms per step
+        measured, 40% of a logistic-regression product. Here a step is the product, two dot
+        products read as numbers and three in-place updates of the solver's own buffers. Same
+        arithmetic, same stopping rule, same report; None (and the generic path) when a product
+        turns out to carry an autograd graph, which in-place updates would break.
+        """
+        if initial is None:
+            x = torch.zeros_like(b)
+            r = b.clone()
+        else:
+            x = initial.clone()
+            r = b - operator.mv(initial)
+            if r.requires_grad:
+                return None
+        rhs_norm = torch.linalg.vector_norm(b)
+        tol = float(tolerance(rhs_norm, self.rtol, self.atol))
+        z = precondition(r)
+        if callable(self.preconditioner):
+            check_vector(z, operator.template, "preconditioner(r)")
+        rz = _dot(r, z)
+        rs = rz if z is r else _dot(r, r)
+        p = z.clone()  # updated in place: never a tensor the preconditioner may keep
+        steps, broke = setup_products, False
+        for _ in range(self.max_steps):
+            if broke or not math.isfinite(rs) or math.sqrt(rs) <= tol:
+                break
+            ap = operator.mv(p)
+            if ap.requires_grad:
+                return None
+            curvature = _dot(p, ap)
+            steps += 1
+            if curvature <= 0:  # x and r unchanged; the step counts, as above
+                broke = True
+                break
+            alpha = rz / curvature
+            x.add_(p, alpha=alpha)
+            r.add_(ap, alpha=-alpha)
+            z = precondition(r)
+            rz_new = _dot(r, z)
+            rs = rz_new if z is r else _dot(r, r)
+            broke = rz_new < 0  # the preconditioner is not positive definite
+            p.mul_(rz_new / (rz if rz != 0 else 1.0)).add_(z)
+            rz = rz_new
+        device = b.device
+        residual = torch.tensor(
+            math.sqrt(rs) if rs >= 0 else math.nan, dtype=b.dtype, device=device
+        )
+        healthy = not broke and math.isfinite(float(residual))
+        converged = healthy if self.rtol is None else healthy and float(residual) <= tol
+        return x, SolveInfo(
+            residual,
+            rhs_norm,
+            torch.tensor(steps, dtype=torch.int64, device=device),
+            torch.tensor(converged, device=device),
+            "CG",
+        )
+
+
+def _plain_vector(vector: Tree, initial: Tree | None) -> bool:
+    """One real floating tensor, no autograd graph, no transform: the case `_solve_plain` serves."""
+    tensors = [vector] if initial is None else [vector, initial]
+    return (
+        not under_transform()
+        and not torch.compiler.is_compiling()
+        and all(
+            type(t) is torch.Tensor and t.is_floating_point() and not t.requires_grad
+            for t in tensors
+        )
+    )
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.dot(a.reshape(-1), b.reshape(-1)))

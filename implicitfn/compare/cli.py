@@ -133,25 +133,30 @@ def _device(text: str) -> torch.device:
 
 def run_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """Run `implicitfn compare` with parsed `args`; usage errors go through `parser.error`."""
+    defaults = CompareConfig()
     try:
         device = _device(args.device)
         if args.threads is not None and args.threads < 1:
             raise ValueError(f"--threads: expected a positive int, got {args.threads}.")
+        fast_or_default_steps = FAST_STEPS if args.fast else defaults.steps
+        fast_or_default_repeats = 1 if args.fast else defaults.repeats
         config = CompareConfig(
-            steps=args.steps or (FAST_STEPS if args.fast else CompareConfig().steps),
+            steps=fast_or_default_steps if args.steps is None else args.steps,
             solvers=args.solvers,
             curvatures=args.curvatures,
             rtol=args.rtol,
             alpha=args.alpha,
-            repeats=args.repeats or (1 if args.fast else CompareConfig().repeats),
+            repeats=fast_or_default_repeats if args.repeats is None else args.repeats,
             memory=not args.no_memory,
             progress=not args.no_progress,
+        )
+        problem = make_problem(
+            args.problem, dtype=DTYPES[args.dtype], device=device, seed=args.seed
         )
     except (TypeError, ValueError) as error:
         parser.error(str(error))
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    problem = make_problem(args.problem, dtype=DTYPES[args.dtype], device=device, seed=args.seed)
     comparison = run(problem, config)
     print(format_table(comparison))
     paths = write_outputs(comparison, args.out)

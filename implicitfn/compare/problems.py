@@ -109,8 +109,8 @@ def train_to_optimum(problem: Problem) -> tuple[Any, float]:
     L-BFGS gets close cheaply; Newton's method (exact Hessian products, each step solved by CG,
     Levenberg-Marquardt damping while the Hessian is not yet positive definite) then converges
     quadratically, down to $\lVert\nabla_w L_T\rVert \le \varepsilon^{3/4}$ of the dtype (about
-    $10^{-12}$ in float64) or at most 50 Newton steps. The implicit function theorem holds at a stationary point: the reference
-    hypergradient is only as good as this optimum.
+    $10^{-12}$ in float64) or at most 50 Newton steps. The implicit function theorem holds at a
+    stationary point: the reference hypergradient is only as good as this optimum.
 
     **Arguments:**
 

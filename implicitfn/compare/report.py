@@ -67,7 +67,8 @@ def format_table(comparison: Comparison) -> str:
         f"{problem['num_params']} parameters, {problem['num_hparams']} hyperparameters; "
         f"Hessian at the optimum: {spectrum}; training gradient norm there "
         f"{reference['inner_gradient_norm']:.1e}.",
-        f"One training-loss gradient: {1e3 * reference['grad_eval_s']:.3g} ms (the time unit); "
+        f"One training-loss gradient: {1e3 * reference['grad_eval_s']:.3g} ms (median; the unit "
+        "of time, re-timed next to each row); "
         f"dense reference: {reference['time_s']:.1f} s, relative residual "
         f"{reference['dense_relative_residual']:.1e}; unrolled learning rate "
         f"{reference['unrolled_learning_rate']:.3g}.",

@@ -32,6 +32,8 @@ __all__ = ["CompareConfig", "Comparison", "Record", "run"]
 
 # Products per vmapped call while forming the dense reference: bounds its extra memory.
 REFERENCE_CHUNK = 64
+# Gradients timed after each timed run of a method; the fastest is that method's unit of time.
+UNIT_SAMPLES = 3
 # Stop repeating a method's timed runs once they took this long together (slow runs vary less).
 TIMING_BUDGET_S = 2.0
 MEMORY_METHOD = {
@@ -81,7 +83,7 @@ class CompareConfig:
     curvatures: tuple[str, ...] = ("Hessian", "GaussNewton")
     rtol: float = 1e-6
     alpha: float | str = "auto"
-    repeats: int = 3
+    repeats: int = 5
     memory: bool = True
     max_dense_params: int = 4000
     progress: bool = True
@@ -147,7 +149,8 @@ class Record:
     - `relative_residual`, `converged`, `num_steps`: from the solver's
       [`SolveInfo`][implicitfn.SolveInfo] (`num_steps`: operator products it reports).
     - `time_s`, `time_grad_evals`: the fastest of `repeats` runs of the whole hypergradient
-      call, in seconds and in units of one training-loss gradient.
+      call, in seconds and in units of one training-loss gradient (the fastest of those timed
+      between the method's runs, so that the load of a shared machine weighs on both alike).
     - `peak_memory_bytes`: peak memory above what was allocated before the call.
 
     ```python
@@ -183,9 +186,9 @@ class Comparison:
     - `environment`: torch version, dtype, device, thread count, how memory was measured.
     - `config`: the [`CompareConfig`][implicitfn.compare.CompareConfig] as a dict.
     - `reference`: the inner optimum's gradient norm, the extreme eigenvalues and condition
-      number of the Hessian, the dense solve's relative residual, the time of one gradient
-      (`grad_eval_s`, the unit of `time_grad_evals`) and of the reference itself, and the
-      unrolled learning rate.
+      number of the Hessian, the dense solve's relative residual, the median time of one
+      gradient (`grad_eval_s`; `time_grad_evals` uses one timed next to each method) and of the
+      reference itself, and the unrolled learning rate.
     - `records`: the [`Record`][implicitfn.compare.Record]s in report order.
 
     `to_dict()` gives plain JSON-ready values (NaN and Inf become `None`).
@@ -285,7 +288,9 @@ def run(problem: Problem, config: CompareConfig = CompareConfig()) -> Comparison
         progress.set_postfix_str("dense reference")
         reference, facts = _reference(problem, params, device)
         progress.update()
-        facts["grad_eval_s"] = _gradient_time(problem, params, device)
+        gradient = _gradient_of(problem, params)
+        gradient()  # warm-up
+        facts["grad_eval_s"] = statistics.median(_timed(gradient, device) for _ in range(15))
         eigenvalue_max = facts["hessian_eigenvalue_max"]
         learning_rate = 1.0 / eigenvalue_max if config.alpha == "auto" else float(config.alpha)
         facts.update(
@@ -306,7 +311,7 @@ def run(problem: Problem, config: CompareConfig = CompareConfig()) -> Comparison
                     learning_rate,
                     config,
                     device,
-                    facts["grad_eval_s"],
+                    gradient,
                 )
             )
             progress.update()
@@ -414,15 +419,10 @@ def _top_eigenvalue(
     return float(vector @ apply(vector))
 
 
-def _gradient_time(problem: Problem, params: Any, device: torch.device) -> float:
-    """Median time of one training-loss gradient: the unit of cost."""
+def _gradient_of(problem: Problem, params: Any) -> Callable[[], Any]:
+    """One training-loss gradient at `params`: the unit of cost."""
     train_gradient = grad(problem.train_loss)
-
-    def once() -> None:
-        train_gradient(params, problem.hparams, *problem.inner_args)
-
-    once()  # warm-up
-    return statistics.median(_timed(once, device) for _ in range(15))
+    return lambda: train_gradient(params, problem.hparams, *problem.inner_args)
 
 
 def _timed(fn: Callable[[], Any], device: torch.device) -> float:
@@ -441,7 +441,7 @@ def _measure(
     learning_rate: float,
     config: CompareConfig,
     device: torch.device,
-    grad_eval_s: float,
+    gradient: Callable[[], Any],
 ) -> Record:
     base = dict(method=method.name, curvature=method.curvature, steps=method.steps)
     if method.name == UNROLLED:
@@ -482,10 +482,12 @@ def _measure(
 
     try:
         result, info = compute()  # the warm-up: not timed
-        samples = [_timed(compute, device)]
+        samples: list[float] = []
+        units: list[float] = []  # gradients timed between the runs: load weighs on both alike
         while len(samples) < config.repeats and sum(samples) < TIMING_BUDGET_S:
             samples.append(_timed(compute, device))
-        seconds = min(samples)
+            units.append(min(_timed(gradient, device) for _ in range(UNIT_SAMPLES)))
+        seconds, unit = min(samples), min(units)
         peak_memory = _peak_memory(compute, device) if config.memory else None
     except (implicitfn.ImplicitSolveError, FloatingPointError) as failure:  # NaN/Inf: data
         report = _solve_report(getattr(failure, "info", None))
@@ -510,7 +512,7 @@ def _measure(
         relative_error=float(error),
         **report,
         time_s=seconds,
-        time_grad_evals=seconds / grad_eval_s,
+        time_grad_evals=seconds / unit,
         peak_memory_bytes=peak_memory,
     )
 

@@ -160,7 +160,9 @@ def load(name: str, *, progress: Callable[[str], None] = lambda _: None) -> Setu
         params, gradient_norm = train_to_optimum(exact)
         progress("dense reference (float64, cached for next time)")
         matrix = _dense_hessian(exact, params)
-        if bool(torch.linalg.cholesky_ex(matrix)[1]):
+        for _ in range(3):
+            if not bool(torch.linalg.cholesky_ex(matrix)[1]):
+                break
             # Not a strict minimum yet (the MLP: L-BFGS + Newton stop at |grad| ~ 1e-5 with an
             # indefinite Hessian); polish it: minutes, once.
             progress("Hessian indefinite: polishing w* with L-BFGS (minutes, once)")
@@ -199,11 +201,11 @@ def load(name: str, *, progress: Callable[[str], None] = lambda _: None) -> Setu
 
 
 def _polish(problem: Any, params: Any) -> tuple[Any, float]:
-    """More L-BFGS from `params`, down to a gradient norm of 1e-7."""
+    """More L-BFGS from `params` (the MLP: 12,580 iterations to |grad| = 3e-8, 6 minutes)."""
     start, unravel = implicitfn.tree_ravel(params)
     flat = start.clone().requires_grad_(True)
     lbfgs = torch.optim.LBFGS(
-        [flat], lr=1.0, max_iter=30000, tolerance_grad=1e-8, tolerance_change=0.0,
+        [flat], lr=1.0, max_iter=30000, tolerance_grad=1e-11, tolerance_change=0.0,
         history_size=100, line_search_fn="strong_wolfe",
     )  # fmt: skip
 
@@ -247,8 +249,12 @@ def _reference(problem: Any, params: Any, matrix: torch.Tensor) -> dict[str, Any
         params, hparams, *problem.outer_args
     )
     rhs = implicitfn.tree_ravel(direct_w)[0]
-    factor = torch.linalg.cholesky(matrix)  # raises if w* is not a strict minimum
-    adjoint = torch.cholesky_solve(rhs[:, None], factor)[:, 0]
+    factor, failed = torch.linalg.cholesky_ex(matrix)
+    if bool(failed):  # not a strict minimum: the theorem still holds if A is invertible
+        print("  [warning: the Hessian at w* is indefinite; LU solve]", file=sys.stderr)
+        adjoint = torch.linalg.solve(matrix, rhs)
+    else:
+        adjoint = torch.cholesky_solve(rhs[:, None], factor)[:, 0]
     condition = implicitfn.stationarity(problem.train_loss)
     implicit, _ = implicitfn.cross_vjp(condition, unravel(-adjoint), params, hparams, *args)
     reference = implicitfn.tree_ravel(implicitfn.tree_axpy(1.0, direct_h, implicit))[0]
@@ -258,7 +264,10 @@ def _reference(problem: Any, params: Any, matrix: torch.Tensor) -> dict[str, Any
     for _ in range(100):  # power iteration on A and on A^{-1}
         vector = matrix @ vector
         vector /= vector.norm()
-        inverse = torch.cholesky_solve(inverse[:, None], factor)[:, 0]
+        if bool(failed):
+            inverse = torch.linalg.solve(matrix, inverse)
+        else:
+            inverse = torch.cholesky_solve(inverse[:, None], factor)[:, 0]
         inverse /= inverse.norm()
     top = float(vector @ matrix @ vector)
     bottom = float(inverse @ matrix @ inverse)

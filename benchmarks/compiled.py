@@ -37,7 +37,13 @@ ARGS.add_argument("--rounds", type=int, default=5, help="interleaved rounds (med
 ARGS.add_argument("--repeats", type=int, default=5, help="calls per round (median taken)")
 ARGS.add_argument("--skip-1m", action="store_true", help="leave out the 1.08M-parameter MLP")
 ARGS.add_argument("--reuse-cache", action="store_true", help="keep inductor's on-disk cache")
-ARGS.add_argument("--mode", default="default", help="torch.compile mode (default: 'default')")
+ARGS.add_argument(
+    "--modes",
+    type=lambda text: text.split(","),
+    default=None,
+    help="compile modes, comma-separated, each optionally ':scope' (e.g. default:product); "
+    "default: default,reduce-overhead (--fast: default)",
+)
 
 
 def configure_environment(args: argparse.Namespace) -> None:
@@ -299,91 +305,104 @@ def relative_error(value: torch.Tensor, reference: torch.Tensor | None) -> float
     return float(torch.linalg.vector_norm(value - reference) / torch.linalg.vector_norm(reference))
 
 
-def measure(case: Case, args: argparse.Namespace) -> dict[str, Any]:
-    row: dict[str, Any] = {"problem": case.name, "n": case.problem.num_params, "steps": case.steps}
-    eager = torch_hypergradient(case, False)
-    compiled = torch_hypergradient(case, implicitfn.Compile(mode=args.mode))
-    eager_value, eager_first = first_call(eager)
-    compiled_value, compiled_first = first_call(compiled)
-    contenders = {"eager": eager, "compiled": compiled}
-    values = {"eager": eager_value, "compiled": compiled_value}
+def paired(numerator: list[float], denominator: list[float]) -> float:
+    """The median over rounds of a ratio measured within each round."""
+    return statistics.median(n / d for n, d in zip(numerator, denominator, strict=True))
+
+
+def difference(value: torch.Tensor, reference: torch.Tensor) -> float:
+    return float(torch.linalg.vector_norm(value - reference) / torch.linalg.vector_norm(reference))
+
+
+def measure(case: Case, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """One row per compile mode; eager and jaxopt are timed in the same interleaved rounds."""
+    contenders = {"eager": torch_hypergradient(case, False)}
+    for label in args.modes:  # "mode" or "mode:scope", e.g. "default:product"
+        mode, _, scope = label.partition(":")
+        options = implicitfn.Compile(mode=mode, scope=scope or "auto")
+        contenders[label] = torch_hypergradient(case, options)
     if jax is not None:
-        peer = jax_hypergradient(case)
-        jax_value, jax_first = first_call(peer)
-        contenders["jax"] = peer
-        values["jax"] = ravel_jax(jax_value)
-    rounds: dict[str, list[float]] = {name: [] for name in contenders}
-    repeats = args.repeats if eager_first < 0.5 else 1  # seconds per call: fewer repeats
+        contenders["jax"] = jax_hypergradient(case)
+    firsts, values = {}, {}
+    for name, fn in contenders.items():  # the first call compiles
+        value, firsts[name] = first_call(fn)
+        values[name] = ravel_jax(value) if name == "jax" else value
+    repeats = args.repeats if firsts["eager"] < 0.5 else 1  # seconds per call: fewer repeats
     for fn in contenders.values():  # warm-up: caches, allocator, lazy initialisation
         median_time(fn, repeats)
+    rounds: dict[str, list[float]] = {name: [] for name in contenders}
     for _ in range(args.rounds):  # interleaved: load changes hit every contender alike
         for name, fn in contenders.items():
             rounds[name].append(median_time(fn, repeats))
     times = {name: statistics.median(ts) for name, ts in rounds.items()}
-    row.update({f"{name}_s": t for name, t in times.items()})
-    row["eager/compiled"] = statistics.median(
-        [e / c for e, c in zip(rounds["eager"], rounds["compiled"], strict=True)]
-    )
-    row["compile_s"] = max(compiled_first - times["compiled"], 0.0)
-    saved = times["eager"] - times["compiled"]
-    row["break_even"] = math.ceil(row["compile_s"] / saved) if saved > 0 else None
-    if jax is not None:
-        row["compiled/jax"] = statistics.median(
-            [c / j for c, j in zip(rounds["compiled"], rounds["jax"], strict=True)]
-        )
-        row["jax_compile_s"] = max(jax_first - times["jax"], 0.0)
-    for name, value in values.items():
-        row[f"{name}_error"] = relative_error(value, case.reference)
-    row["compiled_vs_eager"] = float(
-        torch.linalg.vector_norm(values["compiled"] - values["eager"])
-        / torch.linalg.vector_norm(values["eager"])
-    )
-    if jax is not None:
-        row["jax_vs_eager"] = float(
-            torch.linalg.vector_norm(values["jax"] - values["eager"])
-            / torch.linalg.vector_norm(values["eager"])
-        )
-    row["gradient_norm"] = case.gradient_norm
-    return row
+    rows = []
+    for mode in args.modes:
+        row: dict[str, Any] = {"problem": case.name, "n": case.problem.num_params}
+        row.update(steps=case.steps, mode=mode, gradient_norm=case.gradient_norm)
+        row.update(eager_s=times["eager"], compiled_s=times[mode])
+        row["eager/compiled"] = paired(rounds["eager"], rounds[mode])
+        row["compile_s"] = max(firsts[mode] - times[mode], 0.0)
+        saved = times["eager"] - times[mode]
+        row["break_even"] = math.ceil(row["compile_s"] / saved) if saved > 0 else None
+        row["eager_error"] = relative_error(values["eager"], case.reference)
+        row["compiled_error"] = relative_error(values[mode], case.reference)
+        row["compiled_vs_eager"] = difference(values[mode], values["eager"])
+        if jax is not None:
+            row.update(jax_s=times["jax"], jax_compile_s=max(firsts["jax"] - times["jax"], 0.0))
+            row["compiled/jax"] = paired(rounds[mode], rounds["jax"])
+            row["jax_error"] = relative_error(values["jax"], case.reference)
+            row["jax_vs_eager"] = difference(values["jax"], values["eager"])
+        rows.append(row)
+    return rows
 
 
 def fmt(value: Any, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
 
 
-def print_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
-    header = (
-        f"{'problem':8s} {'params':>9s} {'CG':>4s} {'eager':>9s} {'compiled':>9s} {'eager/':>8s} "
-        f"{'compile':>8s} {'break':>6s} {'jaxopt':>9s} {'compiled/':>9s} {'jax':>7s} "
-        f"{'error':>8s} {'error':>8s} {'error':>8s}"
-    )
-    units = (
-        f"{'':8s} {'':>9s} {'k':>4s} {'ms':>9s} {'ms':>9s} {'compiled':>8s} {'s':>8s} "
-        f"{'even':>6s} {'jit ms':>9s} {'jaxopt':>9s} {'jit s':>7s} {'eager':>8s} "
-        f"{'compiled':>8s} {'jaxopt':>8s}"
-    )
-    print(header)
-    print(units)
+def print_table(rows: list[dict[str, Any]]) -> None:
+    columns = [  # (title, unit, width, cell)
+        ("problem", "", 8, lambda r: r["problem"]),
+        ("params", "", 9, lambda r: f"{r['n']:,d}"),
+        ("CG", "k", 3, lambda r: str(r["steps"])),
+        ("mode", "", 15, lambda r: r["mode"]),
+        ("eager", "ms", 8, lambda r: f"{r['eager_s'] * 1e3:.2f}"),
+        ("compiled", "ms", 8, lambda r: f"{r['compiled_s'] * 1e3:.2f}"),
+        ("eager/", "compiled", 8, lambda r: f"{r['eager/compiled']:.2f}"),
+        ("compile", "s", 7, lambda r: f"{r['compile_s']:.1f}"),
+        ("break", "even", 6, lambda r: fmt(r["break_even"], "d")),
+        ("jaxopt", "ms", 8, lambda r: fmt(r.get("jax_s") and r["jax_s"] * 1e3, ".2f")),
+        ("compiled/", "jaxopt", 9, lambda r: fmt(r.get("compiled/jax"), ".2f")),
+        ("jax jit", "s", 7, lambda r: fmt(r.get("jax_compile_s"), ".1f")),
+        ("error", "eager", 8, lambda r: fmt(r["eager_error"], ".1e")),
+        ("error", "compiled", 8, lambda r: fmt(r["compiled_error"], ".1e")),
+        ("error", "jaxopt", 8, lambda r: fmt(r.get("jax_error"), ".1e")),
+    ]
+    for line in (0, 1):
+        print(
+            " ".join(
+                f"{c[line]:<{c[2]}s}" if i < 2 else f"{c[line]:>{c[2]}s}"
+                for i, c in enumerate(columns)
+            )
+        )
     for r in rows:
         print(
-            f"{r['problem']:8s} {r['n']:9,d} {r['steps']:4d} {r['eager_s'] * 1e3:9.2f} "
-            f"{r['compiled_s'] * 1e3:9.2f} {r['eager/compiled']:8.2f} {r['compile_s']:8.1f} "
-            f"{fmt(r['break_even'], 'd'):>6s} "
-            f"{fmt(r.get('jax_s') and r['jax_s'] * 1e3, '9.2f'):>9s} "
-            f"{fmt(r.get('compiled/jax'), '9.2f'):>9s} {fmt(r.get('jax_compile_s'), '7.1f'):>7s} "
-            f"{fmt(r['eager_error'], '8.1e'):>8s} {fmt(r['compiled_error'], '8.1e'):>8s} "
-            f"{fmt(r.get('jax_error'), '8.1e'):>8s}"
+            " ".join(
+                f"{c[3](r):<{c[2]}s}" if i < 2 else f"{c[3](r):>{c[2]}s}"
+                for i, c in enumerate(columns)
+            )
         )
     print()
     for r in rows:
-        jax_part = "" if "jax_vs_eager" not in r else f", jaxopt vs eager {r['jax_vs_eager']:.1e}"
+        peer = "" if "jax_vs_eager" not in r else f", jaxopt vs eager {r['jax_vs_eager']:.1e}"
         print(
-            f"{r['problem']}: |grad L_T| at the point {r['gradient_norm']:.1e}; relative "
-            f"difference compiled vs eager {r['compiled_vs_eager']:.1e}{jax_part}"
+            f"{r['problem']} ({r['mode']}): |grad L_T| at the point {r['gradient_norm']:.1e}; "
+            f"relative difference compiled vs eager {r['compiled_vs_eager']:.1e}{peer}"
         )
     print(
         "\nerror: relative error to the exact dense float64 hypergradient (n/a: too large to "
-        "build); break even: outer steps after which compiling has paid for itself."
+        "build); break even: outer steps after which compiling has paid for itself "
+        "(compile / (eager - compiled))."
     )
     if jax is None:
         print(f"NOTE: {JAX_NOTE}")
@@ -394,18 +413,20 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.fast:
         args.rounds, args.repeats = min(args.rounds, 3), min(args.repeats, 3)
+    if args.modes is None:
+        args.modes = ["default"] if args.fast else ["default", "reduce-overhead"]
     cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR", "default (may be warm)")
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} torch thread(s), XLA_FLAGS="
         f"{os.environ.get('XLA_FLAGS', '')!r}; {JAX_NOTE}\ninductor cache: {cache}; "
-        f"compile mode {args.mode!r}; float32; times: median of {args.rounds} interleaved "
+        f"compile modes {args.modes}; float32; times: median of {args.rounds} interleaved "
         f"rounds of {args.repeats} calls\n"
     )
     rows = []
     for case in build_cases(args):
-        rows.append(measure(case, args))
+        rows.extend(measure(case, args))
         print(f"  measured {case.name}", file=sys.stderr, flush=True)
-    print_table(rows, args)
+    print_table(rows)
 
 
 if __name__ == "__main__":

@@ -81,13 +81,17 @@ def main() -> None:
     }
     gradient = torch.func.grad(loss)
     grad_time = best_time(lambda: gradient(params, hparams, *data), args.repeats)
-    print(f"MLP on digits: {n} parameters, {data[0].shape[0]} examples, torch threads = {args.threads}")
+    print(
+        f"MLP on digits: {n} parameters, {data[0].shape[0]} examples, torch threads = {args.threads}"
+    )
     print(f"one training-loss gradient: {grad_time * 1e3:.2f} ms\n")
 
     rows = []
     for name, curvature in tqdm(curvatures.items(), desc="curvatures"):
         operator = curvature.linearize(loss, params, hparams, *data)
-        linearize = best_time(lambda c=curvature: c.linearize(loss, params, hparams, *data), args.repeats)
+        linearize = best_time(
+            lambda c=curvature: c.linearize(loss, params, hparams, *data), args.repeats
+        )
         product = best_time(lambda op=operator: op.mv(vector), args.repeats)
         batched = best_time(lambda op=operator: torch.func.vmap(op.mv)(vectors), args.repeats)
         looped = best_time(

@@ -50,6 +50,7 @@ warnings.filterwarnings("ignore", category=FutureWarning, module=r"torchopt\.")
 METHODS = (
     "implicitfn CG",
     "implicitfn CG, Gauss-Newton",
+    "implicitfn CG, forward-over-reverse",
     "torchopt CG",
     "unrolled SGD, 11 steps",
 )
@@ -117,7 +118,9 @@ def build(kind: str, size: int) -> dict:
     x = torch.randn(examples + 10_000, 64, generator=generator)
     y = (x @ teacher.T).argmax(1)
     noisy = torch.rand(examples, generator=generator) < 0.3
-    y_train = torch.where(noisy, torch.randint(0, 10, (examples,), generator=generator), y[:examples])
+    y_train = torch.where(
+        noisy, torch.randint(0, 10, (examples,), generator=generator), y[:examples]
+    )
     return dict(
         x=x[:examples], y=y_train, x_val=x[examples:], y_val=y[examples:],
         params=(torch.zeros(10, 64), torch.zeros(10)), hparams=(torch.zeros(examples),),
@@ -142,7 +145,9 @@ def train(state: dict, kind: str, iterations: int) -> dict:
     lbfgs.step(closure)
     state = dict(state, params=tuple(p.detach() for p in params))
     gradient = torch.autograd.grad(
-        train_loss(tuple(p.requires_grad_() for p in params), state["hparams"], state["x"], state["y"]),
+        train_loss(
+            tuple(p.requires_grad_() for p in params), state["hparams"], state["x"], state["y"]
+        ),
         params,
     )
     state["gradient_norm"] = float(torch.sqrt(sum((g * g).sum() for g in gradient)))
@@ -164,6 +169,8 @@ def method(name: str, state: dict, kind: str):
 
     if name.startswith("implicitfn"):
         curvature = implicitfn.GaussNewton() if "Gauss" in name else implicitfn.Hessian()
+        if "forward-over-reverse" in name:  # no stored linearisation: less memory, more time
+            curvature = implicitfn.Hessian("forward-over-reverse")
         keys = [str(i) for i in range(len(solution))]
         if "Gauss" in name:
             if kind == "decay":
@@ -331,9 +338,15 @@ def main() -> None:
     sizes = {"decay": args.hidden, "weights": args.examples}
     sizes = {kind: sizes[kind] for kind in args.problems}
     print(f"# Scale\n\nMachine: {H.machine(args.threads)}\n")
-    with tempfile.TemporaryDirectory() as folder, tqdm(
-        total=len(sizes) * (1 + len(args.methods)), desc="scale", file=sys.stderr, mininterval=1.0
-    ) as bar:
+    with (
+        tempfile.TemporaryDirectory() as folder,
+        tqdm(
+            total=len(sizes) * (1 + len(args.methods)),
+            desc="scale",
+            file=sys.stderr,
+            mininterval=1.0,
+        ) as bar,
+    ):
         for kind, size in sizes.items():
             state = build(kind, size)
             bar.set_postfix_str(f"{kind}: inner training")

@@ -106,17 +106,43 @@ def test_compiled_equals_eager_for_every_solver(name, dtype):
     assert _compile.statistics()["fallbacks"] == 0
 
 
+COMPOSITE = implicitfn.stationarity(
+    implicitfn.CompositeLoss(
+        predict=lambda p, h, x, y: x @ p["w"] + p["b"],
+        output_loss=lambda out, h, x, y: 0.5 * ((out - y) ** 2).mean(),
+        penalty=lambda p, h, x, y: (
+            0.5 * (h["decay"].exp() * p["w"] ** 2).sum() + 0.5 * h["bias_decay"].exp() * p["b"] ** 2
+        ),
+    )
+)
+
+
+@pytest.mark.parametrize("name", ["cg", "cg-rtol"])
+def test_gauss_newton_equals_eager(name):
+    """Gauss-Newton products are compiled one call each (no stored linearisation to reuse)."""
+    solver = {**FIXED_STEP_SOLVERS, **PRODUCT_SOLVERS}[name]
+    params, hparams, inner, outer = problem(torch.float64)
+
+    def run(compile):
+        return implicitfn.hypergradient(
+            COMPOSITE, outer_loss, params, hparams, inner_args=inner, outer_args=outer,
+            solver=solver, curvature=implicitfn.GaussNewton(), compile=compile,
+        )[0]  # fmt: skip
+
+    assert_trees_close(run(AOT_EAGER), run(False))
+    assert _compile.statistics()["fallbacks"] == 0
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_inductor_equals_eager_in_both_entry_points(dtype):
     solver = FIXED_STEP_SOLVERS["cg"]
     expected, _ = hypergradient(dtype, solver, False)
-    actual, info = hypergradient(dtype, solver, True)
-    assert_trees_close(actual, expected, dtype=dtype)
-    # The decorator's backward pass reuses the solve and mixed-product artefacts.
     before = _compile.statistics()["compiled"]
-    by_backward = backward_hypergradient(decorated(solver, True), dtype)
+    actual, info = hypergradient(dtype, solver, True)  # one graph: the whole hypergradient
+    assert_trees_close(actual, expected, dtype=dtype)
+    by_backward = backward_hypergradient(decorated(solver, True), dtype)  # one: solve + B^T v
     assert_trees_close(by_backward, expected, dtype=dtype)
-    assert _compile.statistics()["compiled"] == before
+    assert _compile.statistics()["compiled"] - before <= 2
     assert _compile.statistics()["fallbacks"] == 0
 
 
@@ -135,7 +161,7 @@ def test_no_recompilation_across_outer_steps():
     assert counters["stats"]["unique_graphs"] == graphs
 
 
-def test_warm_start_compiles_once_more_and_matches_eager():
+def test_warm_start_matches_eager():
     solver, dtype = FIXED_STEP_SOLVERS["cg"], torch.float64
     compiled_fn = decorated(solver, AOT_EAGER, warm_start=True)
     eager_fn = decorated(solver, False, warm_start=True)
@@ -144,6 +170,43 @@ def test_warm_start_compiles_once_more_and_matches_eager():
             backward_hypergradient(compiled_fn, dtype, shift),
             backward_hypergradient(eager_fn, dtype, shift),
         )
+
+
+def contraction(w, lam, a, b):
+    return torch.tanh(a @ w + b @ lam)
+
+
+CONTRACTION = implicitfn.fixed_point(contraction)
+
+
+def test_non_symmetric_condition_both_transposes():
+    """A fixed point: the reverse pass solves with A^T (fused with B^T v), a plain solve with A."""
+    from implicitfn._implicit import _Backward
+
+    gen = torch.Generator().manual_seed(0)
+    a = 0.3 * torch.randn(5, 5, generator=gen, dtype=torch.float64)
+    b = torch.randn(5, 3, generator=gen, dtype=torch.float64)
+    lam, rhs = torch.randn(3, generator=gen, dtype=torch.float64), torch.ones(5).double()
+    w = torch.zeros(5, dtype=torch.float64)
+    for _ in range(100):
+        w = contraction(w, lam, a, b)
+    solver, condition = implicitfn.FixedPoint(max_steps=8, rtol=None), CONTRACTION
+
+    def backward(compile):
+        return _Backward(
+            condition, solver, implicitfn.Hessian(), 0.0, "raise", None, compile=compile
+        )
+
+    for transpose in (False, True):
+        expected = backward(None).solve(w, lam, (a, b), rhs, transpose=transpose)
+        actual = backward(AOT_EAGER).solve(w, lam, (a, b), rhs, transpose=transpose)
+        assert_trees_close(actual, expected)
+    selected = [True, False, False]
+    expected = backward(None).reverse(w, lam, (a, b), rhs, selected)
+    actual = backward(AOT_EAGER).reverse(w, lam, (a, b), rhs, selected)
+    assert actual[1:] == [None, None]
+    assert_trees_close(actual[0], expected[0])
+    assert _compile.statistics()["fallbacks"] == 0
 
 
 def branching_loss(p, h, x, y):

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.utils._pytree as pytree
 
-from implicitfn._operator import AbstractLinearOperator
+from implicitfn._operator import AbstractLinearOperator, AbstractWrappedOperator
 from implicitfn._tree import Tree
 
 __all__ = ["all_reduce_gradients"]
@@ -134,19 +134,11 @@ class DataParallel:
 
 
 @dataclasses.dataclass(frozen=True)
-class MeanOperator(AbstractLinearOperator):
+class MeanOperator(AbstractWrappedOperator):
     r"""$\frac1R\sum_r A_r$: the rank's operator with every product averaged over ranks."""
 
     operator: AbstractLinearOperator
     reduction: DataParallel
-
-    @property
-    def template(self) -> Tree:  # type: ignore[override]
-        return self.operator.template
-
-    @property
-    def tags(self) -> frozenset[str]:  # type: ignore[override]
-        return self.operator.tags
 
     def mv(self, vector: Tree) -> Tree:
         return self.reduction.mean(self.operator.mv(vector))

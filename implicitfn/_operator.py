@@ -130,12 +130,10 @@ class FunctionLinearOperator(AbstractLinearOperator):
         return FunctionLinearOperator(self.transpose_matvec, self.template, self.matvec, self.tags)
 
 
-@dataclasses.dataclass(frozen=True)
-class DampedLinearOperator(AbstractLinearOperator):
-    r"""$A + \mu I$; made by [`damp`][implicitfn.damp]."""
+class AbstractWrappedOperator(AbstractLinearOperator):
+    """An operator built on `self.operator`, sharing its structure and tags."""
 
     operator: AbstractLinearOperator
-    damping: float
 
     @property
     def template(self) -> Tree:  # type: ignore[override]
@@ -144,6 +142,14 @@ class DampedLinearOperator(AbstractLinearOperator):
     @property
     def tags(self) -> frozenset[str]:  # type: ignore[override]
         return self.operator.tags
+
+
+@dataclasses.dataclass(frozen=True)
+class DampedLinearOperator(AbstractWrappedOperator):
+    r"""$A + \mu I$; made by [`damp`][implicitfn.damp]."""
+
+    operator: AbstractLinearOperator
+    damping: float
 
     def mv(self, vector: Tree) -> Tree:
         return tree_axpy(self.damping, vector, self.operator.mv(vector))

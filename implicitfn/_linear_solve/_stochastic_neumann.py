@@ -12,13 +12,13 @@ from implicitfn._linear_solve._base import (
     reduces_residual,
 )
 from implicitfn._linear_solve._estimates import StepSize, check_step_size, step_size
-from implicitfn._operator import AbstractLinearOperator
+from implicitfn._operator import AbstractLinearOperator, AbstractWrappedOperator
 from implicitfn._solution import SolveInfo
 from implicitfn._tree import Tree, tree_add, tree_axpy, tree_norm, tree_scale, tree_sub
 
 
 @dataclasses.dataclass(frozen=True)
-class ResamplingOperator(AbstractLinearOperator):
+class ResamplingOperator(AbstractWrappedOperator):
     r"""An operator $A$ that can also be rebuilt on other data, $A_{\mathrm{batch}}$.
 
     [`implicit_diff`][implicitfn.implicit_diff] and [`hypergradient`][implicitfn.hypergradient]
@@ -60,14 +60,6 @@ class ResamplingOperator(AbstractLinearOperator):
                 "linearize: expected a callable (*batch) -> AbstractLinearOperator, got "
                 f"{type(self.linearize).__name__}."
             )
-
-    @property
-    def template(self) -> Tree:  # type: ignore[override]
-        return self.operator.template
-
-    @property
-    def tags(self) -> frozenset[str]:  # type: ignore[override]
-        return self.operator.tags
 
     def mv(self, vector: Tree) -> Tree:
         return self.operator.mv(vector)

@@ -223,7 +223,8 @@ def _flat_spec(backward: Any, params: Tree) -> pytree.TreeSpec | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# The three compiled computations of the backward pass.
+# The compiled computations: a whole solve, the reverse pass (solve and mixed product), the
+# whole hypergradient, a linearisation or product, the mixed product and outer gradient.
 
 
 def solve(

@@ -18,9 +18,11 @@ cold one a user pays once; `--reuse-cache` (implied by `--fast`) uses the normal
 from __future__ import annotations
 
 import argparse
+import atexit
 import dataclasses
 import math
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -49,7 +51,9 @@ ARGS.add_argument(
 def configure_environment(args: argparse.Namespace) -> None:
     """Threads and caches are set before torch and jax are imported."""
     if not (args.reuse_cache or args.fast):
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="implicitfn-inductor-")
+        cache = tempfile.mkdtemp(prefix="implicitfn-inductor-")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
+        atexit.register(shutil.rmtree, cache, ignore_errors=True)
     if args.threads == 1:
         flags = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flags).strip()

@@ -108,6 +108,11 @@ def check_tolerance(value: Any, name: str, allow_none: bool = False) -> None:
         )
 
 
+def safe_divisor(value: torch.Tensor) -> torch.Tensor:
+    """`value` where it is non-zero, else 1: a divisor that never makes NaN (vmap-safe)."""
+    return torch.where(value == 0, torch.ones_like(value), value)
+
+
 def tolerance(rhs_norm: torch.Tensor, rtol: float | None, atol: float) -> torch.Tensor:
     """The residual norm below which a solve counts as converged."""
     relative = 0.0 if rtol is None else rtol

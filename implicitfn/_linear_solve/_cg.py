@@ -12,6 +12,7 @@ from implicitfn._linear_solve._base import (
     check_tolerance,
     check_vector,
     iterate,
+    safe_divisor,
     tolerance,
 )
 from implicitfn._linear_solve._estimates import check_seed, hutchinson_diagonal
@@ -147,7 +148,7 @@ class CG(AbstractLinearSolver):
             z = precondition(r)
             rz_new = tree_vdot(r, z)
             rs_new = rz_new if z is r else tree_vdot(r, r)
-            beta = rz_new / torch.where(rz == 0, 1.0, rz)
+            beta = rz_new / safe_divisor(rz)
             p = tree_axpy(beta, p, z)
             # r^T M^{-1} r < 0 means the preconditioner is not positive definite.
             return x, r, p, rz_new, rs_new, steps + 1, broke | negative | (rz_new < 0)

@@ -9,16 +9,12 @@ from implicitfn._linear_solve._base import (
     check_positive_int,
     check_tolerance,
     iterate,
+    safe_divisor,
     tolerance,
 )
 from implicitfn._linear_solve._estimates import flat_matvec
 from implicitfn._solution import SolveInfo
 from implicitfn._tree import tree_ravel
-
-
-def _safe(value: torch.Tensor) -> torch.Tensor:
-    """`value` where it is non-zero, else 1: a divisor that never makes NaN."""
-    return torch.where(value == 0, torch.ones_like(value), value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +88,7 @@ class GMRES(AbstractLinearSolver):
 
         def start_cycle(x: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, ...]:
             beta = torch.linalg.vector_norm(r)
-            basis = torch.cat([(r / _safe(beta))[None], r.new_zeros(m, r.numel())])
+            basis = torch.cat([(r / safe_divisor(beta))[None], r.new_zeros(m, r.numel())])
             hessenberg = r.new_zeros(m + 1, m)  # as built by Arnoldi, for the restart residual
             triangular = r.new_zeros(m + 1, m)  # after the Givens rotations
             rotations = r.new_zeros(2, m)
@@ -123,7 +119,7 @@ class GMRES(AbstractLinearSolver):
             h = h + correction
             h_next = torch.linalg.vector_norm(w)
             h = h + e_next * h_next
-            basis = basis + e_next[:, None] * (w / _safe(h_next))[None]
+            basis = basis + e_next[:, None] * (w / safe_divisor(h_next))[None]
             hessenberg = hessenberg + h[:, None] * e_j[None, :m]
             # Apply the previous rotations (i < j) to the new column, then a new one at j.
             column = list(h.unbind())
@@ -136,8 +132,8 @@ class GMRES(AbstractLinearSolver):
             column = torch.stack(column)
             top, bottom = e_j @ column, e_next @ column
             radius = torch.hypot(top, bottom)
-            c = torch.where(radius == 0, 1.0, top / _safe(radius))
-            s = torch.where(radius == 0, 0.0, bottom / _safe(radius))
+            c = torch.where(radius == 0, 1.0, top / safe_divisor(radius))
+            s = torch.where(radius == 0, 0.0, bottom / safe_divisor(radius))
             column = column + e_j * (radius - top) - e_next * bottom
             triangular = triangular + column[:, None] * e_j[None, :m]
             at_j = e_j[:m].bool()

@@ -9,15 +9,11 @@ from implicitfn._linear_solve._base import (
     check_positive_int,
     check_tolerance,
     iterate,
+    safe_divisor,
     tolerance,
 )
 from implicitfn._solution import SolveInfo
 from implicitfn._tree import tree_axpy, tree_norm, tree_scale, tree_sub, tree_vdot, tree_zeros_like
-
-
-def _safe(value: torch.Tensor) -> torch.Tensor:
-    """`value` where it is non-zero, else 1: a divisor that never makes NaN."""
-    return torch.where(value == 0, torch.ones_like(value), value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +75,7 @@ class MINRES(AbstractLinearSolver):
         state = (
             x,
             zeros,
-            tree_scale(1.0 / _safe(beta_1), r),
+            tree_scale(1.0 / safe_divisor(beta_1), r),
             zero,
             zeros,
             zeros,
@@ -96,7 +92,7 @@ class MINRES(AbstractLinearSolver):
             alpha = tree_vdot(v, av)
             p = tree_axpy(-beta, v_prev, tree_axpy(-alpha, v, av))
             beta_next = tree_norm(p)
-            v_next = tree_scale(1.0 / _safe(beta_next), p)  # zero after a happy breakdown
+            v_next = tree_scale(1.0 / safe_divisor(beta_next), p)  # zero after a happy breakdown
             # Apply the two previous rotations to the new column (beta, alpha, beta_next).
             (c_prev, s_prev), (c_prev2, s_prev2) = rot_prev, rot_prev2
             epsilon = s_prev2 * beta
@@ -106,10 +102,10 @@ class MINRES(AbstractLinearSolver):
             # A new rotation annihilates beta_next.
             gamma = torch.hypot(gamma_bar, beta_next)
             singular = gamma == 0
-            c = torch.where(singular, one, gamma_bar / _safe(gamma))
-            s = torch.where(singular, zero, beta_next / _safe(gamma))
+            c = torch.where(singular, one, gamma_bar / safe_divisor(gamma))
+            s = torch.where(singular, zero, beta_next / safe_divisor(gamma))
             direction = tree_axpy(-delta, w_prev, tree_axpy(-epsilon, w_prev2, v))
-            w = tree_scale(1.0 / _safe(gamma), direction)
+            w = tree_scale(1.0 / safe_divisor(gamma), direction)
             x = tree_axpy(torch.where(singular, zero, c * eta), w, x)
             return (
                 x,

@@ -225,19 +225,7 @@ def _dense_hessian(problem: Any, params: Any, chunk: int = 128) -> torch.Tensor:
     """The training loss's Hessian at `params`, formed by vmapped products (symmetrised)."""
     hparams, args = problem.hparams, problem.inner_args
     hessian = implicitfn.Hessian().linearize(problem.train_loss, params, hparams, *args)
-    flat, unravel = implicitfn.tree_ravel(params)
-    size = flat.numel()
-
-    def product(vector: torch.Tensor) -> torch.Tensor:
-        return implicitfn.tree_ravel(hessian.mv(unravel(vector)))[0]
-
-    rows = []
-    for first in range(0, size, chunk):
-        count = min(chunk, size - first)
-        basis = torch.zeros(count, size, dtype=flat.dtype)
-        basis[torch.arange(count), first + torch.arange(count)] = 1.0
-        rows.append(torch.func.vmap(product)(basis))
-    matrix = torch.cat(rows)
+    matrix = hessian.as_matrix(chunk_size=chunk)
     return 0.5 * (matrix + matrix.T)
 
 

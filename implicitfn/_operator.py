@@ -57,11 +57,12 @@ class AbstractLinearOperator(abc.ABC):
     def is_symmetric(self) -> bool:
         return SYMMETRIC in self.tags
 
-    def as_matrix(self) -> torch.Tensor:
+    def as_matrix(self, chunk_size: int = 256) -> torch.Tensor:
         """The dense matrix of the operator in the flattening of [`tree_ravel`][implicitfn.tree_ravel].
 
         Built with one vmapped product over the basis vectors: $n$ products, $O(n^2)$ memory. For
-        small problems and references only.
+        small problems and references only. `chunk_size` basis vectors are multiplied at a time,
+        which bounds the memory of the intermediate products.
         """
         flat, unravel = tree_ravel(self.template)
         basis = torch.eye(flat.numel(), dtype=flat.dtype, device=flat.device)
@@ -69,8 +70,7 @@ class AbstractLinearOperator(abc.ABC):
         def column(e: torch.Tensor) -> torch.Tensor:
             return tree_ravel(self.mv(unravel(e)))[0]
 
-        # Chunked, so that the basis's intermediate products never all exist at once.
-        return torch.func.vmap(column, out_dims=1, chunk_size=256)(basis)
+        return torch.func.vmap(column, out_dims=1, chunk_size=chunk_size)(basis)
 
 
 def _check_tags(tags: Any) -> frozenset[str]:

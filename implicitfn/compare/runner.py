@@ -351,19 +351,9 @@ def _reference(problem: Problem, params: Any, device: torch.device) -> tuple[tor
     start = time.perf_counter()
     hparams, inner_args = problem.hparams, problem.inner_args
     hessian = implicitfn.Hessian().linearize(problem.train_loss, params, hparams, *inner_args)
-    flat, unravel = implicitfn.tree_ravel(params)
-    size = flat.numel()
-
-    def product(vector: torch.Tensor) -> torch.Tensor:
-        return implicitfn.tree_ravel(hessian.mv(unravel(vector)))[0]
-
-    chunks = []
-    for first in range(0, size, REFERENCE_CHUNK):
-        count = min(REFERENCE_CHUNK, size - first)
-        basis = torch.zeros(count, size, dtype=flat.dtype, device=device)
-        basis[torch.arange(count), first + torch.arange(count)] = 1.0
-        chunks.append(torch.func.vmap(product)(basis))
-    matrix = torch.cat(chunks)
+    _, unravel = implicitfn.tree_ravel(params)
+    matrix = hessian.as_matrix(chunk_size=REFERENCE_CHUNK)
+    size = matrix.shape[0]
     matrix = 0.5 * (matrix + matrix.T)  # symmetric in exact arithmetic; remove round-off
     direct_params, direct_hparams = grad(problem.outer_loss, argnums=(0, 1))(
         params, hparams, *problem.outer_args

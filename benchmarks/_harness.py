@@ -1,8 +1,9 @@
-"""Shared pieces of `peers.py`, `cost_model.py` and `scale.py` (not a benchmark itself).
+"""Shared pieces of the benchmarks (not a benchmark itself).
 
 - Timing: every compared method runs once per *round*, in a rotating order, so that load from
   other processes on a shared machine hits all of them alike; a ratio is the median over rounds
   of the ratio *within* a round (paired), and times are medians (with the minimum shown).
+  `median_time` times one function alone (`hessian_modes.py`, and `compiled.py` within rounds).
 - Problems: the `logreg` and `mlp` problems of `implicitfn compare` (scikit-learn digits, one
   weight-decay hyperparameter per weight), trained tightly in float64 and run in float32, with
   the exact hypergradient from a dense Cholesky solve in float64 (cached on disk: it takes
@@ -84,6 +85,18 @@ def median(samples: list[float]) -> float:
     return statistics.median(samples)
 
 
+def median_time(fn: Callable[[], Any], repeats: int, *, warm_up: bool = False) -> float:
+    """Median wall time of `fn()` over `repeats` calls (after one untimed call if `warm_up`)."""
+    if warm_up:
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def paired_ratio(numerator: list[float], denominator: list[float]) -> float:
     """Median over rounds of numerator / denominator measured in the same round."""
     return statistics.median(a / b for a, b in zip(numerator, denominator, strict=True))
@@ -159,7 +172,7 @@ def load(name: str, *, progress: Callable[[str], None] = lambda _: None) -> Setu
         progress("training to the optimum (float64)")
         params, gradient_norm = train_to_optimum(exact)
         progress("dense reference (float64, cached for next time)")
-        matrix = _dense_hessian(exact, params)
+        matrix = dense_hessian(exact, params)
         for _ in range(3):
             if not bool(torch.linalg.cholesky_ex(matrix)[1]):
                 break
@@ -167,7 +180,7 @@ def load(name: str, *, progress: Callable[[str], None] = lambda _: None) -> Setu
             # indefinite Hessian); polish it: minutes, once.
             progress("Hessian indefinite: polishing w* with L-BFGS (minutes, once)")
             params, gradient_norm = _polish(exact, params)
-            matrix = _dense_hessian(exact, params)
+            matrix = dense_hessian(exact, params)
         cached = dict(
             params=implicitfn.tree_ravel(params)[0],
             gradient_norm=gradient_norm,
@@ -200,14 +213,17 @@ def load(name: str, *, progress: Callable[[str], None] = lambda _: None) -> Setu
     return setup
 
 
-def _polish(problem: Any, params: Any) -> tuple[Any, float]:
-    """More L-BFGS from `params` (the MLP: 12,580 iterations to |grad| = 3e-8, 6 minutes)."""
+def minimise_lbfgs(problem: Any, params: Any, **options: Any) -> tuple[Any, float]:
+    """L-BFGS on the training loss of `problem` from `params`, on the raveled weights.
+
+    `options` go to `torch.optim.LBFGS`; one `step` runs `max_iter` iterations at most.
+
+    **Returns:** `(params, gradient_norm)`: the point reached and the norm of the training
+    loss's gradient there.
+    """
     start, unravel = implicitfn.tree_ravel(params)
-    flat = start.clone().requires_grad_(True)
-    lbfgs = torch.optim.LBFGS(
-        [flat], lr=1.0, max_iter=30000, tolerance_grad=1e-11, tolerance_change=0.0,
-        history_size=100, line_search_fn="strong_wolfe",
-    )  # fmt: skip
+    flat = start.detach().clone().requires_grad_(True)
+    lbfgs = torch.optim.LBFGS([flat], **options)
 
     def closure() -> torch.Tensor:
         lbfgs.zero_grad()
@@ -221,7 +237,15 @@ def _polish(problem: Any, params: Any) -> tuple[Any, float]:
     return params, float(implicitfn.tree_norm(gradient))
 
 
-def _dense_hessian(problem: Any, params: Any, chunk: int = 128) -> torch.Tensor:
+def _polish(problem: Any, params: Any) -> tuple[Any, float]:
+    """More L-BFGS from `params` (the MLP: 12,580 iterations to |grad| = 3e-8, 6 minutes)."""
+    return minimise_lbfgs(
+        problem, params, lr=1.0, max_iter=30000, tolerance_grad=1e-11, tolerance_change=0.0,
+        history_size=100, line_search_fn="strong_wolfe",
+    )  # fmt: skip
+
+
+def dense_hessian(problem: Any, params: Any, chunk: int = 128) -> torch.Tensor:
     """The training loss's Hessian at `params`, formed by vmapped products (symmetrised)."""
     hparams, args = problem.hparams, problem.inner_args
     hessian = implicitfn.Hessian().linearize(problem.train_loss, params, hparams, *args)
@@ -294,7 +318,10 @@ def implicitfn_decorated(
         condition = implicitfn.stationarity(setup.problem.train_loss)
         outer = setup.problem.outer_loss
 
-    @implicitfn.implicit_diff(condition, solver=solver, curvature=curvature, on_failure="warn")
+    @implicitfn.implicit_diff(
+        condition,
+        adjoint=implicitfn.ImplicitAdjoint(solver=solver, curvature=curvature, on_failure="warn"),
+    )
     def inner(params, hparams, x, y):
         return params  # the inner solver already ran: w* is given
 
@@ -319,9 +346,9 @@ def implicitfn_function(setup: Setup, solver: Any, curvature: Any = None) -> Cal
             setup.hparams,
             inner_args=setup.inner_args,
             outer_args=setup.outer_args,
-            solver=solver,
-            curvature=curvature,
-            on_failure="warn",
+            adjoint=implicitfn.ImplicitAdjoint(
+                solver=solver, curvature=curvature, on_failure="warn"
+            ),
         )[0]
 
     return run

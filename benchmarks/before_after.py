@@ -79,24 +79,34 @@ def main() -> None:
         base_loss = base.CompositeLoss(loss.predict, loss.output_loss, loss.penalty)
 
         def make(lib, solver, curvature, train=loss, setup=setup, problem=problem):
+            if hasattr(lib, "ImplicitAdjoint"):  # 0.2: the options live in one adjoint object
+                options = dict(adjoint=lib.ImplicitAdjoint(solver, curvature, on_failure="warn"))
+            else:
+                options = dict(solver=solver, curvature=curvature, on_failure="warn")
             return lambda: lib.hypergradient(
                 train, problem.outer_loss, setup.params, setup.hparams,
-                inner_args=setup.inner_args, outer_args=setup.outer_args,
-                solver=solver, curvature=curvature, on_failure="warn",
+                inner_args=setup.inner_args, outer_args=setup.outer_args, **options,
             )[0]  # fmt: skip
+
+        def fixed_cg(lib, k=k):  # exactly k steps: rtol=None before 0.2, rtol=0 since
+            return lib.CG(max_steps=k, rtol=0 if hasattr(lib, "Outcome") else None)
+
+        def neumann(lib, k=k, alpha=alpha):  # the budget was `steps` before 0.2, `max_steps` since
+            budget = "max_steps" if hasattr(lib, "Outcome") else "steps"
+            return lib.Neumann(alpha=alpha, **{budget: k})
 
         pairs = {
             "CG, Hessian": (
-                make(base, base.CG(max_steps=k, rtol=None), base.Hessian()),
-                make(implicitfn, implicitfn.CG(max_steps=k, rtol=None), implicitfn.Hessian()),
+                make(base, fixed_cg(base), base.Hessian()),
+                make(implicitfn, fixed_cg(implicitfn), implicitfn.Hessian()),
             ),
             "Neumann, Hessian": (
-                make(base, base.Neumann(steps=k, alpha=alpha), base.Hessian()),
-                make(implicitfn, implicitfn.Neumann(steps=k, alpha=alpha), implicitfn.Hessian()),
+                make(base, neumann(base), base.Hessian()),
+                make(implicitfn, neumann(implicitfn), implicitfn.Hessian()),
             ),
             "CG, Gauss-Newton": (
-                make(base, base.CG(max_steps=k, rtol=None), base.GaussNewton(), base_loss),
-                make(implicitfn, implicitfn.CG(max_steps=k, rtol=None), implicitfn.GaussNewton()),
+                make(base, fixed_cg(base), base.GaussNewton(), base_loss),
+                make(implicitfn, fixed_cg(implicitfn), implicitfn.GaussNewton()),
             ),
         }
         methods = {}

@@ -1,7 +1,7 @@
 """Eager vs compiled hypergradients (`compile=True`), with jaxopt under `jax.jit` as a peer.
 
 For each problem (one penalty per weight on scikit-learn's digits, float32, at a trained optimum)
-it times one hypergradient with the same fixed-step CG solve (`rtol=None`: exactly k steps) three
+it times one hypergradient with the same fixed-step CG solve (`rtol=0`: exactly k steps) three
 ways, interleaved in the same run: implicitfn eager, implicitfn compiled, and jaxopt's
 `custom_root` + `solve_cg` under `jax.jit` (the same problem in `jax.numpy`). Compile times are
 excluded from the per-call times and reported on their own, with the number of outer steps after
@@ -71,6 +71,7 @@ def configure_environment(args: argparse.Namespace) -> None:
 if __name__ == "__main__":
     configure_environment(ARGS.parse_args())
 
+import _harness as H  # noqa: E402
 import torch  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
 from tensordict import TensorDict  # noqa: E402
@@ -152,18 +153,8 @@ def ravel(tree: TensorDict) -> torch.Tensor:
 def dense_reference(problem: Problem, params: Any, chunk: int = 256) -> torch.Tensor:
     """The exact hypergradient: Hessian columns by vmapped products, then an LU solve (float64)."""
     hparams, inner = problem.hparams, problem.inner_args
-    hessian = implicitfn.Hessian().linearize(problem.train_loss, params, hparams, *inner)
-    flat, unravel = implicitfn.tree_ravel(params)
-
-    def product(vector):
-        return implicitfn.tree_ravel(hessian.mv(unravel(vector)))[0]
-
-    columns = []
-    for first in range(0, flat.numel(), chunk):
-        basis = torch.eye(flat.numel(), dtype=flat.dtype)[first : first + chunk]
-        columns.append(torch.func.vmap(product)(basis))
-    matrix = torch.cat(columns)
-    matrix = 0.5 * (matrix + matrix.T)
+    matrix = H.dense_hessian(problem, params, chunk)
+    unravel = implicitfn.tree_ravel(params)[1]
     outer_grad = torch.func.grad(problem.outer_loss, argnums=(0, 1))
     direct_w, direct_h = outer_grad(params, hparams, *problem.outer_args)
     adjoint = unravel(torch.linalg.solve(matrix, implicitfn.tree_ravel(direct_w)[0]))
@@ -190,30 +181,13 @@ def build_cases(args: argparse.Namespace) -> list[Case]:
         # A stronger penalty (1e-2) keeps the Hessian positive definite after a short L-BFGS run
         # (the dense reference, 1.08M^2 entries, does not fit: accuracy is checked peer to peer).
         problem = digits_problem("mlp-1m", network, penalty=1e-2)
-        params, gradient_norm = short_training(problem, iterations=60)
+        params, gradient_norm = H.minimise_lbfgs(
+            problem, problem.params, max_iter=60, history_size=10, line_search_fn="strong_wolfe"
+        )
         cases.append(
             Case("mlp-1m", 10, dataclasses.replace(problem, params=params), None, gradient_norm)
         )
     return cases
-
-
-def short_training(problem: Problem, iterations: int) -> tuple[Any, float]:
-    flat, unravel = implicitfn.tree_ravel(problem.params)
-    flat = flat.detach().clone().requires_grad_(True)
-    lbfgs = torch.optim.LBFGS(
-        [flat], max_iter=iterations, history_size=10, line_search_fn="strong_wolfe"
-    )
-
-    def closure():
-        lbfgs.zero_grad()
-        loss = problem.train_loss(unravel(flat), problem.hparams, *problem.inner_args)
-        loss.backward()
-        return loss
-
-    lbfgs.step(closure)
-    params = unravel(flat.detach())
-    gradient = torch.func.grad(problem.train_loss)(params, problem.hparams, *problem.inner_args)
-    return params, float(implicitfn.tree_norm(gradient))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,12 +195,12 @@ def short_training(problem: Problem, iterations: int) -> tuple[Any, float]:
 
 
 def torch_hypergradient(case: Case, compile: Any) -> Callable[[], torch.Tensor]:
-    p, solver = case.problem, implicitfn.CG(max_steps=case.steps, rtol=None)
+    p, solver = case.problem, implicitfn.CG(max_steps=case.steps, rtol=0)
 
     def run() -> torch.Tensor:
         grads, info = implicitfn.hypergradient(
             p.train_loss, p.outer_loss, p.params, p.hparams, inner_args=p.inner_args,
-            outer_args=p.outer_args, solver=solver, compile=compile, on_failure="warn",
+            outer_args=p.outer_args, adjoint=implicitfn.ImplicitAdjoint(solver=solver, compile=compile, on_failure="warn"),
         )  # fmt: skip
         return ravel(grads)
 
@@ -298,25 +272,11 @@ def first_call(fn: Callable[[], Any]) -> tuple[Any, float]:
     return result, time.perf_counter() - start
 
 
-def median_time(fn: Callable[[], Any], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def relative_error(value: torch.Tensor, reference: torch.Tensor | None) -> float | None:
     if reference is None:
         return None
     value = value.double()
     return float(torch.linalg.vector_norm(value - reference) / torch.linalg.vector_norm(reference))
-
-
-def paired(numerator: list[float], denominator: list[float]) -> float:
-    """The median over rounds of a ratio measured within each round."""
-    return statistics.median(n / d for n, d in zip(numerator, denominator, strict=True))
 
 
 def difference(value: torch.Tensor, reference: torch.Tensor) -> float:
@@ -338,18 +298,18 @@ def measure(case: Case, args: argparse.Namespace) -> list[dict[str, Any]]:
         values[name] = ravel_jax(value) if name == "jax" else value
     repeats = args.repeats if firsts["eager"] < 0.5 else 1  # seconds per call: fewer repeats
     for fn in contenders.values():  # warm-up: caches, allocator, lazy initialisation
-        median_time(fn, repeats)
+        H.median_time(fn, repeats)
     rounds: dict[str, list[float]] = {name: [] for name in contenders}
     for _ in range(args.rounds):  # interleaved: load changes hit every contender alike
         for name, fn in contenders.items():
-            rounds[name].append(median_time(fn, repeats))
+            rounds[name].append(H.median_time(fn, repeats))
     times = {name: statistics.median(ts) for name, ts in rounds.items()}
     rows = []
     for mode in args.modes:
         row: dict[str, Any] = {"problem": case.name, "n": case.problem.num_params}
         row.update(steps=case.steps, mode=mode, gradient_norm=case.gradient_norm)
         row.update(eager_s=times["eager"], compiled_s=times[mode])
-        row["eager/compiled"] = paired(rounds["eager"], rounds[mode])
+        row["eager/compiled"] = H.paired_ratio(rounds["eager"], rounds[mode])
         row["compile_s"] = max(firsts[mode] - times[mode], 0.0)
         saved = times["eager"] - times[mode]
         row["break_even"] = math.ceil(row["compile_s"] / saved) if saved > 0 else None
@@ -358,7 +318,7 @@ def measure(case: Case, args: argparse.Namespace) -> list[dict[str, Any]]:
         row["compiled_vs_eager"] = difference(values[mode], values["eager"])
         if jax is not None:
             row.update(jax_s=times["jax"], jax_compile_s=max(firsts["jax"] - times["jax"], 0.0))
-            row["compiled/jax"] = paired(rounds[mode], rounds["jax"])
+            row["compiled/jax"] = H.paired_ratio(rounds[mode], rounds["jax"])
             row["jax_error"] = relative_error(values["jax"], case.reference)
             row["jax_vs_eager"] = difference(values["jax"], values["eager"])
         rows.append(row)

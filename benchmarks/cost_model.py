@@ -95,7 +95,7 @@ def parts(setup: H.Setup) -> dict[str, object]:
 
 
 def whole(setup: H.Setup, steps: int, curvature) -> object:
-    return H.implicitfn_function(setup, implicitfn.CG(max_steps=steps, rtol=None), curvature)
+    return H.implicitfn_function(setup, implicitfn.CG(max_steps=steps, rtol=0), curvature)
 
 
 def main() -> None:

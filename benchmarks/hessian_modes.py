@@ -9,9 +9,8 @@ the same run. Run: `python benchmarks/hessian_modes.py [--threads 1] [--repeats 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
+import _harness as H
 import torch
 from sklearn.datasets import load_digits
 from tensordict import TensorDict
@@ -47,17 +46,6 @@ def digits_mlp(hidden: int):
     return implicitfn.CompositeLoss(predict, output_loss, penalty), params, hparams, (x, y)
 
 
-def best_time(fn, repeats: int) -> float:
-    """Median wall time of `fn()` over `repeats` runs after one warm-up."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
@@ -80,7 +68,11 @@ def main() -> None:
         "gauss-newton": implicitfn.GaussNewton(),
     }
     gradient = torch.func.grad(loss)
-    grad_time = best_time(lambda: gradient(params, hparams, *data), args.repeats)
+
+    def timed(fn) -> float:  # one untimed call first
+        return H.median_time(fn, args.repeats, warm_up=True)
+
+    grad_time = timed(lambda: gradient(params, hparams, *data))
     print(
         f"MLP on digits: {n} parameters, {data[0].shape[0]} examples, torch threads = {args.threads}"
     )
@@ -89,14 +81,10 @@ def main() -> None:
     rows = []
     for name, curvature in tqdm(curvatures.items(), desc="curvatures"):
         operator = curvature.linearize(loss, params, hparams, *data)
-        linearize = best_time(
-            lambda c=curvature: c.linearize(loss, params, hparams, *data), args.repeats
-        )
-        product = best_time(lambda op=operator: op.mv(vector), args.repeats)
-        batched = best_time(lambda op=operator: torch.func.vmap(op.mv)(vectors), args.repeats)
-        looped = best_time(
-            lambda op=operator: [op.mv(vectors[i]) for i in range(args.batch)], args.repeats
-        )
+        linearize = timed(lambda c=curvature: c.linearize(loss, params, hparams, *data))
+        product = timed(lambda op=operator: op.mv(vector))
+        batched = timed(lambda op=operator: torch.func.vmap(op.mv)(vectors))
+        looped = timed(lambda op=operator: [op.mv(vectors[i]) for i in range(args.batch)])
         rows.append((name, linearize, product, batched, looped))
 
     base = rows[0][2]

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -36,11 +37,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from sklearn.datasets import load_digits  # noqa: E402
 from torch.func import grad, vmap  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import implicitfn  # noqa: E402
+
+# The task sampler and the adaptation loop are those of examples/imaml_digits.py.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from imaml_digits import TaskSampler, accelerated_descent, load_classes  # noqa: E402
 
 KEYS = ("conv_w", "conv_b", "head_w", "head_b")
 CHANNELS, WAYS, SHOTS, QUERIES = 8, 4, 1, 10
@@ -78,23 +82,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def sample_tasks(num_tasks, dtype, seed=0):
     """`num_tasks` 4-way 1-shot tasks on digits 0-5: (xs, ys, xq, yq), task dimension first."""
-    digits = load_digits()
-    images = torch.tensor(digits.data, dtype=dtype) / 16.0
-    labels = torch.tensor(digits.target)
-    gen = torch.Generator().manual_seed(seed)
-    by_class = [images[labels == c] for c in range(6)]
-    support, query = [], []
-    for _ in range(num_tasks):
-        task_support, task_query = [], []
-        for c in torch.randperm(len(by_class), generator=gen)[:WAYS].tolist():
-            picks = torch.randperm(len(by_class[c]), generator=gen)[: SHOTS + QUERIES]
-            task_support.append(by_class[c][picks[:SHOTS]])
-            task_query.append(by_class[c][picks[SHOTS:]])
-        support.append(torch.cat(task_support))
-        query.append(torch.cat(task_query))
-    ys = torch.arange(WAYS).repeat_interleave(SHOTS).expand(num_tasks, -1).contiguous()
-    yq = torch.arange(WAYS).repeat_interleave(QUERIES).expand(num_tasks, -1).contiguous()
-    return torch.stack(support), ys, torch.stack(query), yq
+    by_class = load_classes(range(6), rotations=False)
+    generator = torch.Generator().manual_seed(seed)
+    xs, ys, xq, yq = TaskSampler(by_class, WAYS, SHOTS, QUERIES, generator).sample(num_tasks)
+    return xs.to(dtype), ys, xq.to(dtype), yq
 
 
 def init_theta(dtype, seed=0):
@@ -131,12 +122,7 @@ def adaptation(w, hparams, x, y, steps):
     lr = 1.0 / (SMOOTHNESS + lam)
     root_kappa = torch.sqrt((SMOOTHNESS + lam) / lam)
     momentum = (root_kappa - 1) / (root_kappa + 1)
-    step = grad(inner_loss)
-    previous = w
-    for _ in range(steps):
-        lookahead = implicitfn.tree_axpy(momentum, implicitfn.tree_axpy(-1.0, previous, w), w)
-        previous, w = w, implicitfn.tree_axpy(-lr, step(lookahead, hparams, x, y), lookahead)
-    return w
+    return accelerated_descent(inner_loss, w, hparams, x, y, steps=steps, lr=lr, momentum=momentum)
 
 
 # --------------------------------------------------------------------------------------------
@@ -144,15 +130,12 @@ def adaptation(w, hparams, x, y, steps):
 # --------------------------------------------------------------------------------------------
 
 
-def make_implicitfn(args):
-    adapt = implicitfn.implicit_diff(
-        implicitfn.stationarity(inner_loss),
-        solver=implicitfn.CG(max_steps=args.cg_steps, rtol=args.rtol),
-        curvature=implicitfn.Hessian(),
-    )(lambda w, h, x, y: adaptation(w, h, x, y, args.inner_steps))
+def over_tasks(task_loss):
+    """The mean of `task_loss(hparams, xs, ys, xq, yq)` over a batch of tasks, two ways.
 
-    def task_loss(hparams, xs, ys, xq, yq):
-        return F.cross_entropy(logits(adapt(hparams["theta"], hparams, xs, ys), xq), yq)
+    **Returns:** `(batched, looped)`, each a function of `(hparams, tasks)`: one `vmap` over the
+    task dimension, or a Python loop over the tasks.
+    """
 
     def batched(hparams, tasks):
         return vmap(task_loss, in_dims=(None, 0, 0, 0, 0))(hparams, *tasks).mean()
@@ -162,6 +145,21 @@ def make_implicitfn(args):
         return sum(task_loss(hparams, *(t[i] for t in tasks)) for i in range(count)) / count
 
     return batched, looped
+
+
+def make_implicitfn(args):
+    adapt = implicitfn.implicit_diff(
+        implicitfn.stationarity(inner_loss),
+        adjoint=implicitfn.ImplicitAdjoint(
+            solver=implicitfn.CG(max_steps=args.cg_steps, rtol=args.rtol),
+            curvature=implicitfn.Hessian(),
+        ),
+    )(lambda w, h, x, y: adaptation(w, h, x, y, args.inner_steps))
+
+    def task_loss(hparams, xs, ys, xq, yq):
+        return F.cross_entropy(logits(adapt(hparams["theta"], hparams, xs, ys), xq), yq)
+
+    return over_tasks(task_loss)
 
 
 def make_torchopt(args):
@@ -190,14 +188,7 @@ def make_torchopt(args):
         adapted = adapt(theta, theta, hparams["log_lam"], xs, ys)
         return F.cross_entropy(logits(as_dict(adapted), xq), yq)
 
-    def batched(hparams, tasks):
-        return vmap(task_loss, in_dims=(None, 0, 0, 0, 0))(hparams, *tasks).mean()
-
-    def looped(hparams, tasks):
-        count = tasks[0].shape[0]
-        return sum(task_loss(hparams, *(t[i] for t in tasks)) for i in range(count)) / count
-
-    return batched, looped
+    return over_tasks(task_loss)
 
 
 def meta_gradient(meta_loss, hparams, tasks):

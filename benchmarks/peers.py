@@ -41,8 +41,8 @@ TARGET = 0.99
 def equal_steps(setup: H.Setup, steps: int, rounds: int, bar: tqdm) -> list[str]:
     """Rows of the equal-solver-and-steps table (markdown)."""
     alpha = 1.0 / setup.eigenvalue_max
-    cg = implicitfn.CG(max_steps=steps, rtol=None)
-    neumann = implicitfn.Neumann(steps=steps, alpha=alpha)
+    cg = implicitfn.CG(max_steps=steps, rtol=0)
+    neumann = implicitfn.Neumann(max_steps=steps, alpha=alpha)
     gn = implicitfn.GaussNewton()
     solve_cg = torchopt.linear_solve.solve_cg(maxiter=steps, rtol=0.0)
     solve_ns = torchopt.linear_solve.solve_inv(ns=True, maxiter=steps, alpha=alpha)
@@ -87,7 +87,7 @@ def families(setup: H.Setup) -> dict[str, tuple[str, callable]]:
 
     def cg(curvature, **fields):
         return lambda k: H.implicitfn_decorated(
-            setup, implicitfn.CG(max_steps=k, rtol=None, **fields), curvature
+            setup, implicitfn.CG(max_steps=k, rtol=0, **fields), curvature
         )
 
     solve = torchopt.linear_solve
@@ -106,7 +106,7 @@ def families(setup: H.Setup) -> dict[str, tuple[str, callable]]:
         "implicitfn CG, Gauss-Newton, Jacobi (4 probes)": ("implicitfn", cg(
             gn, preconditioner="jacobi", probes=4)),
         "implicitfn Neumann": ("implicitfn", lambda k: H.implicitfn_decorated(
-            setup, implicitfn.Neumann(steps=k, alpha=alpha))),
+            setup, implicitfn.Neumann(max_steps=k, alpha=alpha))),
     }  # fmt: skip
 
 

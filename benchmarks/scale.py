@@ -193,12 +193,11 @@ def method(name: str, state: dict, kind: str):
             def loss(p, h, x, y):
                 return train_loss(tuple(p.values()), tuple(h.values()), x, y)
 
-        solver = implicitfn.CG(max_steps=STEPS, rtol=None)
+        solver = implicitfn.CG(max_steps=STEPS, rtol=0)
         infos = []
 
         @implicitfn.implicit_diff(
-            implicitfn.stationarity(loss), solver=solver, curvature=curvature,
-            on_failure="warn", callback=infos.append,
+            implicitfn.stationarity(loss), adjoint=implicitfn.ImplicitAdjoint(solver=solver, curvature=curvature, on_failure="warn", callback=infos.append),
         )  # fmt: skip
         def inner(params, hparams, x, y):
             return params
@@ -302,7 +301,7 @@ def child(name: str, path: str, kind: str, repeats: int, threads: int) -> None:
         time_s=statistics.median(times), gradient_s=statistics.median(grad_times),
         result=_save(flat, path, name),
         steps=None if info is None else int(info.num_steps),
-        converged=None if info is None else bool(info.converged),
+        outcome=None if info is None else info.outcome_names()[0],
     )))  # fmt: skip
 
 

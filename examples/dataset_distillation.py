@@ -13,14 +13,10 @@ on all 1000 training images.
 
 from __future__ import annotations
 
-import functools
-
 import support
 import torch
-import torch.nn.functional as F
 from matplotlib.figure import Figure
 
-import implicitfn
 from implicitfn import hyperopt
 
 DECAY = 1e-3  # fixed L2 penalty of the inner logistic regression: ten images are separable
@@ -28,45 +24,35 @@ DECAY = 1e-3  # fixed L2 penalty of the inner logistic regression: ten images ar
 
 def main():
     args = support.command_line(
-        __doc__.splitlines()[0],
+        __doc__,
         "dataset_distillation.png",
-        steps=300,
+        steps=(300, 10),
         inner_steps=20,
         hyper_lr=0.05,
         batch_size=200,
-        scratch_steps=2000,
+        scratch_steps=(2000, 200),
         seed=0,
     )
-    if args.fast:
-        args.steps, args.scratch_steps = 10, 200
     splits = support.digits_splits({"train": 1000}, seed=args.seed)
     (x, y), (x_test, y_test) = splits["train"], splits["test"]
     apply, params = support.classifier(None, seed=args.seed)
     distilled = hyperopt.DistilledData(num_classes=support.NUM_CLASSES, per_class=1)
 
     def train_loss(params, hparams):  # no data argument: the training set is the hyperparameters
-        logits = apply(params, distilled.inputs(hparams))
-        fit = F.cross_entropy(logits, distilled.targets(hparams))
-        return fit + support.l2_penalty(params, DECAY)
-
-    def val_loss(params, hparams, x, y):
-        return F.cross_entropy(apply(params, x), y)
+        inputs, targets = distilled.inputs(hparams), distilled.targets(hparams)
+        return support.penalised_cross_entropy(apply, params, inputs, targets, DECAY)
 
     def distilled_accuracy(params, hparams):
         return support.accuracy(apply(params, distilled.inputs(hparams)), distilled.labels)
 
-    def real_accuracy(params, hparams, x, y):
-        return support.accuracy(apply(params, x), y)
-
-    loop = hyperopt.HyperOptimizer(
-        train_loss=train_loss,
-        val_loss=val_loss,
-        inner_optimizer=functools.partial(torch.optim.Adam, lr=0.05),
-        outer_optimizer=functools.partial(torch.optim.Adam, lr=args.hyper_lr),
-        inner_steps=args.inner_steps,
-        solver=implicitfn.CG(max_steps=100, rtol=1e-4),
+    loop = support.hyper_optimizer(
+        apply,
+        train_loss,
+        args,
+        cg_steps=100,
+        cg_rtol=1e-4,
+        inner_lr=0.05,
         train_metrics={"accuracy": distilled_accuracy},
-        val_metrics={"accuracy": real_accuracy},
     )
     noise = torch.rand(support.NUM_CLASSES, 64, generator=torch.Generator().manual_seed(args.seed))
     state = loop.init(
@@ -77,34 +63,25 @@ def main():
     )
     history = loop.run(state, outer_steps=args.steps, progress=args.progress)
 
-    def test_accuracy_after_training_on(inputs, labels, description):
-        def loss(params):
-            return F.cross_entropy(apply(params, inputs), labels) + support.l2_penalty(
-                params, DECAY
-            )
-
-        trained = support.train_from_scratch(
-            loss, params, args.scratch_steps, 1e-2, description, args.progress
-        )
-        with torch.no_grad():
-            return float(support.accuracy(apply(trained, x_test), y_test))
-
+    scratch = support.ScratchTraining(
+        apply, params, (x_test, y_test), args.scratch_steps, DECAY, args.progress
+    )
     classes = torch.arange(support.NUM_CLASSES)
     first_of_each_class = torch.stack([torch.nonzero(y == c)[0, 0] for c in classes])
     class_means = torch.stack([x[y == c].mean(dim=0) for c in classes])
     learned = state.hparams
     results = {
-        "10 learned images (this example)": test_accuracy_after_training_on(
+        "10 learned images (this example)": scratch.accuracy_on(
             distilled.inputs(learned), distilled.targets(learned), "learned images"
         ),
-        "10 random noise images (the start)": test_accuracy_after_training_on(
+        "10 random noise images (the start)": scratch.accuracy_on(
             noise, distilled.targets(learned), "noise"
         ),
-        "1 real image per class": test_accuracy_after_training_on(
+        "1 real image per class": scratch.accuracy_on(
             x[first_of_each_class], classes, "one real image per class"
         ),
-        "10 class means": test_accuracy_after_training_on(class_means, classes, "class means"),
-        "all 1000 training images": test_accuracy_after_training_on(x, y, "all training images"),
+        "10 class means": scratch.accuracy_on(class_means, classes, "class means"),
+        "all 1000 training images": scratch.accuracy_on(x, y, "all training images"),
     }
     print(
         f"\nlogistic regression trained from scratch on ..., test accuracy ({len(x_test)} digits)"
@@ -131,8 +108,7 @@ def main():
     figure.suptitle(
         f"Learned images; a model trained on them alone: {learned_accuracy:.3f} test accuracy"
     )
-    figure.savefig(args.plot, dpi=120)
-    print(f"\nplot saved to {args.plot}")
+    support.save_figure(figure, args.plot)
 
 
 if __name__ == "__main__":

@@ -130,9 +130,11 @@ def run(rank: int, world: int, args: argparse.Namespace, device: torch.device) -
     solves = []  # the SolveInfo of each backward solve
     fit = implicitfn.implicit_diff(
         implicitfn.stationarity(train_loss),
-        solver=implicitfn.CG(max_steps=200, rtol=1e-10),
-        callback=solves.append,
-        distributed=True,  # average the backward pass over the ranks
+        adjoint=implicitfn.ImplicitAdjoint(
+            solver=implicitfn.CG(max_steps=200, rtol=1e-10),
+            callback=solves.append,
+            distributed=True,
+        ),  # average the backward pass over the ranks
     )(lbfgs)
     if rank == 0:
         print(f"{world} ranks ({dist.get_backend()}), {len(x)} training rows each")
@@ -168,7 +170,7 @@ def check(rank, hparams, w_star, x_train, y_train, x_val, y_val) -> None:
         {"log_decay": hparams["log_decay"].detach()},
         inner_args=(x_train, y_train),
         outer_args=(x_val, y_val),
-        solver=implicitfn.CG(max_steps=200, rtol=1e-10),
+        adjoint=implicitfn.ImplicitAdjoint(solver=implicitfn.CG(max_steps=200, rtol=1e-10)),
     )
     difference = float((single["log_decay"] - hparams["log_decay"].grad).abs().max())
     scale = float(single["log_decay"].abs().max())

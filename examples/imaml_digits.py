@@ -30,18 +30,16 @@ import math
 import time
 from pathlib import Path
 
-import matplotlib
+import support
+import torch
+import torch.nn.functional as F
+from matplotlib.figure import Figure
+from sklearn.datasets import load_digits
+from tensordict import TensorDict
+from torch.func import grad, vmap
+from tqdm import tqdm
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from sklearn.datasets import load_digits  # noqa: E402
-from tensordict import TensorDict  # noqa: E402
-from torch.func import grad, vmap  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-import implicitfn  # noqa: E402
+import implicitfn
 
 TASK_DIMS = (None, 0, 0, 0, 0)  # meta-parameters shared by all tasks, task data batched
 POSITIVE_INTS = (
@@ -246,9 +244,11 @@ class IMAML:
         self.condition = implicitfn.stationarity(self.inner_loss)
         self.adapt = implicitfn.implicit_diff(
             self.condition,
-            solver=implicitfn.CG(max_steps=cg_steps, rtol=1e-5),
-            curvature=implicitfn.GaussNewton(),
-            callback=self.cg_infos.append,
+            adjoint=implicitfn.ImplicitAdjoint(
+                solver=implicitfn.CG(max_steps=cg_steps, rtol=1e-5),
+                curvature=implicitfn.GaussNewton(),
+                callback=self.cg_infos.append,
+            ),
         )(self.adaptation)
 
     @staticmethod
@@ -433,7 +433,8 @@ def main(argv=None) -> dict:
 
 
 def plot(history, scratch, args) -> None:
-    fig, (ax_acc, ax_lam) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig = Figure(figsize=(10, 3.8))
+    ax_acc, ax_lam = fig.subplots(1, 2)
     train = torch.tensor(history["train_acc"])
     window = max(1, len(train) // 20)
     smooth = train.unfold(0, window, 1).mean(1)
@@ -453,10 +454,7 @@ def plot(history, scratch, args) -> None:
     ax_lam.semilogy(history["step"], history["lam"], "o-")
     ax_lam.set(xlabel="meta-step", ylabel=r"$\lambda$", title="proximal strength (meta-learned)")
     fig.tight_layout()
-    args.plot.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.plot, dpi=120)
-    plt.close(fig)
-    print(f"saved {args.plot}")
+    support.save_figure(fig, args.plot)
 
 
 if __name__ == "__main__":

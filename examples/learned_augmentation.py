@@ -15,7 +15,6 @@ over several seeds (data split, initialisations and noise).
 
 from __future__ import annotations
 
-import functools
 import statistics
 
 import support
@@ -61,11 +60,6 @@ def one_seed(seed: int, args) -> tuple[dict[str, float], torch.Tensor]:
     torch.manual_seed(seed)
     augmentation = hyperopt.LearnedAugmentation(AugmentationNetwork())
 
-    def on_original_and_augmented(params, x, augmented, y):
-        logits = apply(params, torch.cat([x, augmented]))
-        fit = F.cross_entropy(logits, torch.cat([y, y]))
-        return fit + support.l2_penalty(params, DECAY)
-
     # The noise is part of the batch: every evaluation of the loss in a hyper step sees the same.
     train_loss = implicitfn.CompositeLoss(
         predict=lambda params, hparams, x, y, noise: apply(
@@ -75,22 +69,12 @@ def one_seed(seed: int, args) -> tuple[dict[str, float], torch.Tensor]:
         penalty=lambda params, hparams, *batch: support.l2_penalty(params, DECAY),
     )
 
-    def val_loss(params, hparams, x, y):
-        return F.cross_entropy(apply(params, x), y)
-
-    def accuracy(params, hparams, x, y, *noise):
-        return support.accuracy(apply(params, x), y)
-
-    loop = hyperopt.HyperOptimizer(
-        train_loss=train_loss,
-        val_loss=val_loss,
-        inner_optimizer=functools.partial(torch.optim.Adam, lr=1e-2),
-        outer_optimizer=functools.partial(torch.optim.Adam, lr=args.hyper_lr),
-        inner_steps=args.inner_steps,
-        solver=implicitfn.CG(max_steps=20, rtol=None),
+    loop = support.hyper_optimizer(
+        apply,
+        train_loss,
+        args,
+        cg_steps=20,
         curvature=implicitfn.GaussNewton(),  # the MLP's Hessian is indefinite; Gauss-Newton is not
-        train_metrics={"accuracy": accuracy},
-        val_metrics={"accuracy": accuracy},
     )
     state = loop.init(
         params,
@@ -102,12 +86,18 @@ def one_seed(seed: int, args) -> tuple[dict[str, float], torch.Tensor]:
     learned = state.hparams["augmentation"]
     generator = torch.Generator().manual_seed(seed)
 
-    def test_accuracy(loss, description):
-        model = support.train_from_scratch(
-            loss, params, args.scratch_steps, 1e-2, description, args.progress
-        )
-        with torch.no_grad():
-            return float(support.accuracy(apply(model, x_test), y_test))
+    scratch = support.ScratchTraining(
+        apply, params, (x_test, y_test), args.scratch_steps, DECAY, args.progress
+    )
+
+    def trained_with(augmented, description, x=x, y=y):
+        """Test accuracy after training on `x` and `augmented()`, a copy drawn at every step."""
+
+        def on_original_and_augmented(params):
+            inputs, targets = torch.cat([x, augmented()]), torch.cat([y, y])
+            return support.penalised_cross_entropy(apply, params, inputs, targets, DECAY)
+
+        return scratch.accuracy(on_original_and_augmented, description)
 
     def learned_copy():
         noise = torch.randn(len(x), NOISE_DIM, generator=generator)
@@ -115,18 +105,13 @@ def one_seed(seed: int, args) -> tuple[dict[str, float], torch.Tensor]:
 
     x_both, y_both = torch.cat([x, x_val]), torch.cat([y, y_val])
     results = {
-        "no augmentation": test_accuracy(
-            lambda p: on_original_and_augmented(p, x, x, y), "no augmentation"
+        "no augmentation": trained_with(lambda: x, "no augmentation"),
+        "hand-made: shifts + noise": trained_with(
+            lambda: shift_and_jitter(x, generator), "hand-made"
         ),
-        "hand-made: shifts + noise": test_accuracy(
-            lambda p: on_original_and_augmented(p, x, shift_and_jitter(x, generator), y),
-            "hand-made",
-        ),
-        "learned augmentation": test_accuracy(
-            lambda p: on_original_and_augmented(p, x, learned_copy(), y), "learned"
-        ),
-        "no augmentation, train + val data": test_accuracy(
-            lambda p: on_original_and_augmented(p, x_both, x_both, y_both), "train + val"
+        "learned augmentation": trained_with(learned_copy, "learned"),
+        "no augmentation, train + val data": trained_with(
+            lambda: x_both, "train + val", x_both, y_both
         ),
     }
     perturbation = (learned_copy() - x).abs().mean()
@@ -145,17 +130,15 @@ def one_seed(seed: int, args) -> tuple[dict[str, float], torch.Tensor]:
 
 def main():
     args = support.command_line(
-        __doc__.splitlines()[0],
+        __doc__,
         "learned_augmentation.png",
-        seeds=5,
-        steps=150,
-        inner_steps=20,
+        seeds=(5, 2),
+        steps=(150, 3),
+        inner_steps=(20, 5),
         hyper_lr=0.01,
         hidden=64,
-        scratch_steps=1000,
+        scratch_steps=(1000, 50),
     )
-    if args.fast:
-        args.seeds, args.steps, args.inner_steps, args.scratch_steps = 2, 3, 5, 50
     per_seed = []
     for seed in range(args.seeds):
         print(f"== seed {seed}")
@@ -201,8 +184,7 @@ def main():
         axis.imshow(image.reshape(8, 8), cmap="gray_r")  # own grey scale: values leave [0, 1]
         axis.set_title(f"{title}\n[{image.min():.1f}, {image.max():.1f}]", fontsize="small")
         axis.set_axis_off()
-    figure.savefig(args.plot, dpi=120)
-    print(f"\nplot saved to {args.plot}")
+    support.save_figure(figure, args.plot)
 
 
 if __name__ == "__main__":

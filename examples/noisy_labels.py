@@ -12,8 +12,6 @@ AUC), and the model beats the same model trained on the noisy set without weight
 
 from __future__ import annotations
 
-import functools
-
 import support
 import torch
 import torch.nn.functional as F
@@ -21,7 +19,6 @@ from matplotlib.figure import Figure
 from sklearn.metrics import roc_auc_score
 from tensordict import TensorDict
 
-import implicitfn
 from implicitfn import hyperopt
 
 DECAY = 1e-3  # a fixed, small L2 penalty keeps the inner problem strictly convex
@@ -39,19 +36,17 @@ def corrupt(labels: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
 
 def main():
     args = support.command_line(
-        __doc__.splitlines()[0],
+        __doc__,
         "noisy_labels.png",
-        steps=300,
+        steps=(300, 20),
         inner_steps=20,
         hyper_lr=0.1,
         batch_size=250,
         noise=0.5,
-        scratch_steps=1000,
-        eval_every=10,
+        scratch_steps=(1000, 200),
+        eval_every=(10, 5),
         seed=0,
     )
-    if args.fast:
-        args.steps, args.scratch_steps, args.eval_every = 20, 200, 5
     splits = support.digits_splits({"train": 1000, "val": 200}, seed=args.seed)
     (x, y_true), (x_val, y_val), (x_test, y_test) = splits["train"], splits["val"], splits["test"]
     y = corrupt(y_true, args.noise, seed=args.seed + 1)
@@ -64,60 +59,34 @@ def main():
         weighted = weights.weighted_mean(hparams["weights"], losses, indices)
         return weighted + support.l2_penalty(params, DECAY)
 
-    def val_loss(params, hparams, x, y):
-        return F.cross_entropy(apply(params, x), y)
-
-    def accuracy(params, hparams, x, y, *indices):
-        return support.accuracy(apply(params, x), y)
-
-    loop = hyperopt.HyperOptimizer(
-        train_loss=train_loss,
-        val_loss=val_loss,
-        inner_optimizer=functools.partial(torch.optim.Adam, lr=1e-2),
-        outer_optimizer=functools.partial(torch.optim.Adam, lr=args.hyper_lr),
-        inner_steps=args.inner_steps,
-        solver=implicitfn.CG(max_steps=30, rtol=None),
-        train_metrics={"accuracy": accuracy},
-        val_metrics={"accuracy": accuracy},
-    )
+    loop = support.hyper_optimizer(apply, train_loss, args, cg_steps=30)
     state = loop.init(
         params,
         TensorDict(weights=weights.init()),
         hyperopt.Minibatches(x, y, batch_size=args.batch_size, indices=True, seed=args.seed),
         hyperopt.Minibatches(x_val, y_val),
     )
-    progress = {"step": [], "test_accuracy": [], "auc": []}
 
-    def evaluate(state, record):
-        if record["step"] in (1, args.steps) or record["step"] % args.eval_every == 0:
-            with torch.no_grad():
-                test_accuracy = support.accuracy(apply(state.params, x_test), y_test)
-            learned = weights.weights(state.hparams["weights"])
-            progress["step"].append(record["step"])
-            progress["test_accuracy"].append(float(test_accuracy))
-            progress["auc"].append(roc_auc_score(clean, learned.numpy()))
+    def test_metrics(state):
+        learned = weights.weights(state.hparams["weights"])
+        return {
+            "test_accuracy": support.test_accuracy(apply, state.params, x_test, y_test),
+            "auc": roc_auc_score(clean, learned.numpy()),
+        }
 
+    evaluate, progress = support.record_every(args.eval_every, args.steps, test_metrics)
     loop.run(state, outer_steps=args.steps, callbacks=[evaluate], progress=args.progress)
 
-    def trained_on(inputs, labels, description):
-        def loss(params):
-            return F.cross_entropy(apply(params, inputs), labels) + support.l2_penalty(
-                params, DECAY
-            )
-
-        model = support.train_from_scratch(
-            loss, params, args.scratch_steps, 1e-2, description, args.progress
-        )
-        with torch.no_grad():
-            return float(support.accuracy(apply(model, x_test), y_test))
-
+    scratch = support.ScratchTraining(
+        apply, params, (x_test, y_test), args.scratch_steps, DECAY, args.progress
+    )
     learned = weights.weights(state.hparams["weights"])
     mask = torch.from_numpy(clean)
     ours = "learned example weights (this example)"
     results = {
         ours: progress["test_accuracy"][-1],
-        "no weights, all noisy labels": trained_on(x, y, "noisy baseline"),
-        "oracle: only the clean half": trained_on(x[mask], y[mask], "clean oracle"),
+        "no weights, all noisy labels": scratch.accuracy_on(x, y, "noisy baseline"),
+        "oracle: only the clean half": scratch.accuracy_on(x[mask], y[mask], "clean oracle"),
     }
     corrupted = f"{int(args.noise * 100)}% of {len(x)} training labels corrupted"
     print(f"\n{corrupted}; test accuracy ({len(x_test)} digits):")
@@ -146,8 +115,7 @@ def main():
     )
     curve.set_xlabel("hyper step")
     curve.legend(fontsize="small")
-    figure.savefig(args.plot, dpi=120)
-    print(f"\nplot saved to {args.plot}")
+    support.save_figure(figure, args.plot)
 
 
 if __name__ == "__main__":

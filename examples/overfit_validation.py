@@ -12,7 +12,6 @@ that many hyperparameters the validation set is fitted like a training set.
 
 from __future__ import annotations
 
-import functools
 import statistics
 
 import support
@@ -39,37 +38,27 @@ def run(hidden, granularity, splits, args):
         penalty=lambda params, hparams, x, y: decay.penalty(hparams["decay"], params),
     )
 
-    def val_loss(params, hparams, x, y):
-        return F.cross_entropy(apply(params, x), y)
-
-    def accuracy(params, hparams, x, y):
-        return support.accuracy(apply(params, x), y)
-
-    loop = hyperopt.HyperOptimizer(
-        train_loss=train_loss,
-        val_loss=val_loss,
-        inner_optimizer=functools.partial(torch.optim.Adam, lr=1e-2),
-        outer_optimizer=functools.partial(torch.optim.Adam, lr=args.hyper_lr),
-        inner_steps=args.inner_steps,
-        solver=implicitfn.CG(max_steps=args.cg_steps, rtol=None),  # truncated, as in the paper
+    loop = support.hyper_optimizer(
+        apply,
+        train_loss,
+        args,
+        cg_steps=args.cg_steps,  # truncated, as in the paper
         curvature=implicitfn.GaussNewton(),
-        train_metrics={"accuracy": accuracy},
-        val_metrics={"accuracy": accuracy},
     )
     hparams = TensorDict(decay=decay.init(params))
     state = loop.init(
         params, hparams, hyperopt.Minibatches(x, y), hyperopt.Minibatches(x_val, y_val)
     )
-    test = {"step": [], "accuracy": [], "loss": []}
 
-    def evaluate_on_test(state, record):
-        if record["step"] in (1, args.steps) or record["step"] % args.eval_every == 0:
-            with torch.no_grad():
-                logits = apply(state.params, x_test)
-            test["step"].append(record["step"])
-            test["accuracy"].append(float(support.accuracy(logits, y_test)))
-            test["loss"].append(float(F.cross_entropy(logits, y_test)))
+    def test_metrics(state):
+        with torch.no_grad():
+            logits = apply(state.params, x_test)
+        return {
+            "accuracy": float(support.accuracy(logits, y_test)),
+            "loss": float(F.cross_entropy(logits, y_test)),
+        }
 
+    evaluate_on_test, test = support.record_every(args.eval_every, args.steps, test_metrics)
     name = f"{'MLP' if hidden else 'logistic regression'}, {granularity} decay"
     count = {
         k: implicitfn.tree_ravel(v)[0].numel()
@@ -84,19 +73,17 @@ def run(hidden, granularity, splits, args):
 
 def main():
     args = support.command_line(
-        __doc__.splitlines()[0],
+        __doc__,
         "overfit_validation.png",
-        steps=200,
-        inner_steps=20,
-        cg_steps=20,
+        steps=(200, 4),
+        inner_steps=(20, 5),
+        cg_steps=(20, 5),
         hyper_lr=0.1,
         initial_decay=1e-3,
         hidden=50,
-        eval_every=10,
+        eval_every=(10, 2),
         seed=0,
     )
-    if args.fast:
-        args.steps, args.inner_steps, args.cg_steps, args.eval_every = 4, 5, 5, 2
     splits = support.digits_splits({"train": 50, "val": 50}, seed=args.seed)
     results = [
         run(hidden, granularity, splits, args)
@@ -117,37 +104,21 @@ def main():
 
     figure = Figure(figsize=(11, 7), layout="constrained")
     axes = figure.subplots(2, 2)
+    panels = {"accuracy": "accuracy", "loss": "cross-entropy"}  # metric: title
     for row, (name, history, test) in enumerate(results):
-        model_row = axes[row // 2]
+        model_name, decay_name = name.split(", ")
         style = "-" if "per_weight" in name else "--"
-        decay_name = name.split(", ")[1]
-        model_row[0].plot(
-            history["step"],
-            history["val_accuracy"],
-            style,
-            color="C0",
-            label=f"validation, {decay_name}",
-        )
-        model_row[0].plot(
-            test["step"], test["accuracy"], style, color="C1", label=f"test, {decay_name}"
-        )
-        model_row[1].plot(
-            history["step"],
-            history["val_loss"],
-            style,
-            color="C0",
-            label=f"validation, {decay_name}",
-        )
-        model_row[1].plot(
-            test["step"], test["loss"], style, color="C1", label=f"test, {decay_name}"
-        )
-        model_row[0].set_title(f"{name.split(',')[0]}: accuracy")
-        model_row[1].set_title(f"{name.split(',')[0]}: cross-entropy")
+        for axis, (metric, title) in zip(axes[row // 2], panels.items(), strict=True):
+            validation = history[f"val_{metric}"]
+            axis.plot(
+                history["step"], validation, style, color="C0", label=f"validation, {decay_name}"
+            )
+            axis.plot(test["step"], test[metric], style, color="C1", label=f"test, {decay_name}")
+            axis.set_title(f"{model_name}: {title}")
     for axis in axes.flat:
         axis.set_xlabel("hyper step")
         axis.legend(fontsize="small")
-    figure.savefig(args.plot, dpi=120)
-    print(f"\nplot saved to {args.plot}")
+    support.save_figure(figure, args.plot)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,13 @@
 """implicitfn: hypergradients by implicit differentiation, on torch.func."""
 
+import importlib
+from typing import Any
+
+from implicitfn._adjoint import AbstractAdjoint, ImplicitAdjoint
 from implicitfn._compile import Compile, CompileWarning
 from implicitfn._curvature import AbstractCurvature, CompositeLoss, GaussNewton, Hessian
 from implicitfn._distributed import all_reduce_gradients
-from implicitfn._functional import functional_model
+from implicitfn._functional import FunctionalModel, functional_model
 from implicitfn._implicit import hypergradient, implicit_diff
 from implicitfn._linear_solve import (
     CG,
@@ -15,10 +19,15 @@ from implicitfn._linear_solve import (
     Identity,
     Neumann,
     Nystrom,
-    ResamplingOperator,
     StochasticNeumann,
 )
-from implicitfn._operator import AbstractLinearOperator, FunctionLinearOperator, damp
+from implicitfn._minimize import MinimizeError, MinimizeWarning, minimize
+from implicitfn._operator import (
+    AbstractLinearOperator,
+    FunctionLinearOperator,
+    ResamplingOperator,
+    damp,
+)
 from implicitfn._optimality import (
     AbstractOptimalityCondition,
     cross_vjp,
@@ -26,17 +35,14 @@ from implicitfn._optimality import (
     root,
     stationarity,
 )
-from implicitfn._solution import ImplicitSolveError, ImplicitSolveWarning, SolveInfo
+from implicitfn._solution import ImplicitSolveError, ImplicitSolveWarning, Outcome, SolveInfo
 from implicitfn._tree import tree_axpy, tree_norm, tree_ravel, tree_vdot, tree_zeros_like
-from implicitfn._unrolled import unrolled_hypergradient
-
-# isort: split
-# The hyperopt subpackage is built on the names above, so it is imported after them.
-from implicitfn import hyperopt
+from implicitfn._unrolled import UnrolledAdjoint, unrolled_hypergradient
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AbstractAdjoint",
     "AbstractCurvature",
     "AbstractLinearOperator",
     "AbstractLinearSolver",
@@ -48,18 +54,24 @@ __all__ = [
     "Dense",
     "FixedPoint",
     "FunctionLinearOperator",
+    "FunctionalModel",
     "GMRES",
     "GaussNewton",
     "Hessian",
     "Identity",
+    "ImplicitAdjoint",
     "ImplicitSolveError",
     "ImplicitSolveWarning",
     "MINRES",
+    "MinimizeError",
+    "MinimizeWarning",
     "Neumann",
     "Nystrom",
+    "Outcome",
     "ResamplingOperator",
     "SolveInfo",
     "StochasticNeumann",
+    "UnrolledAdjoint",
     "all_reduce_gradients",
     "cross_vjp",
     "damp",
@@ -68,6 +80,7 @@ __all__ = [
     "hyperopt",
     "hypergradient",
     "implicit_diff",
+    "minimize",
     "root",
     "stationarity",
     "tree_axpy",
@@ -77,3 +90,11 @@ __all__ = [
     "tree_zeros_like",
     "unrolled_hypergradient",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """`implicitfn.hyperopt` on first use: the application floor is not imported by the core
+    (write `from implicitfn import hyperopt` to be explicit)."""
+    if name == "hyperopt":
+        return importlib.import_module("implicitfn.hyperopt")
+    raise AttributeError(f"module 'implicitfn' has no attribute {name!r}")

@@ -96,6 +96,12 @@ class AbstractCurvature(abc.ABC):
     Implement [`linearize`][implicitfn.AbstractCurvature.linearize] to add a curvature (a
     K-FAC or diagonal approximation, say); it must return an operator tagged `"symmetric"`.
 
+    Declared capabilities, read by the adjoint instead of checking types: `works_on_leaves`
+    (the loss may be given its parameters as a flat list of tensors, which lets the backward
+    pass solve on one raveled vector) and `linearizes_jointly` (the operator is the exact
+    Hessian, so one linearisation of the gradient in $(w, \lambda)$ can serve both the solve
+    and the mixed product). Both default to `False`, the safe choice for a new curvature.
+
     ```python
     >>> import torch, implicitfn
     >>> loss = lambda p, h: (h * p ** 2).sum()
@@ -104,6 +110,9 @@ class AbstractCurvature(abc.ABC):
     tensor([6., 0.])
     ```
     """
+
+    works_on_leaves: bool = False
+    linearizes_jointly: bool = False
 
     @abc.abstractmethod
     def linearize(
@@ -138,6 +147,11 @@ class Hessian(AbstractCurvature):
     """
 
     mode: Literal["reverse-over-reverse", "forward-over-reverse"] = "reverse-over-reverse"
+    works_on_leaves = True
+
+    @property
+    def linearizes_jointly(self) -> bool:  # type: ignore[override]
+        return self.mode == "reverse-over-reverse"
 
     def __post_init__(self) -> None:
         if self.mode not in ("reverse-over-reverse", "forward-over-reverse"):
@@ -179,6 +193,8 @@ class GaussNewton(AbstractCurvature):
     tensor([1., 1.])
     ```
     """
+
+    works_on_leaves = True
 
     def linearize(self, loss, params, hparams, *args):
         if not isinstance(loss, CompositeLoss):

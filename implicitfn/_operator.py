@@ -14,6 +14,7 @@ from implicitfn._tree import Tree, ravel_leaves, tree_axpy, tree_ravel, unravel_
 __all__ = [
     "AbstractLinearOperator",
     "FunctionLinearOperator",
+    "ResamplingOperator",
     "damp",
     "POSITIVE_SEMIDEFINITE",
     "SYMMETRIC",
@@ -185,6 +186,71 @@ class RaveledOperator(AbstractLinearOperator):
             if transposed is self.operator
             else RaveledOperator(transposed, self.shapes, self.template)
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class ResamplingOperator(AbstractWrappedOperator):
+    r"""An operator $A$ that can also be rebuilt on other data, $A_{\mathrm{batch}}$.
+
+    [`implicit_diff`][implicitfn.implicit_diff] and [`hypergradient`][implicitfn.hypergradient]
+    give every solver one of these: it is the Jacobian of the optimality condition on the
+    arguments the inner problem was solved with, and [`at`][implicitfn.ResamplingOperator.at]
+    builds the same Jacobian at the same point $(w^*, \lambda)$ with the condition's extra
+    arguments replaced by a batch (with the same damping and transposition). Solvers that do not
+    resample use it as an ordinary operator. Build one to call
+    [`StochasticNeumann`][implicitfn.StochasticNeumann] directly.
+
+    **Arguments:**
+
+    - `operator`: $A$ (on all the data).
+    - `linearize`: `(*batch) -> AbstractLinearOperator`, the operator on a batch, with the
+      structure and tags of `operator`.
+
+    ```python
+    >>> import torch, implicitfn
+    >>> def hessian_on(x):                      # curvature of a least-squares loss on rows x
+    ...     return implicitfn.FunctionLinearOperator(lambda v: x.T @ (x @ v) / len(x),
+    ...                                         torch.zeros(2), tags={"symmetric"})
+    >>> data = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    >>> op = implicitfn.ResamplingOperator(hessian_on(data), hessian_on)
+    >>> op.mv(torch.ones(2)), op.at((data[:1],)).mv(torch.ones(2))
+    (tensor([0.5000, 2.0000]), tensor([1., 0.]))
+    ```
+    """
+
+    operator: AbstractLinearOperator
+    linearize: Callable[..., AbstractLinearOperator]
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.operator, AbstractLinearOperator):
+            raise TypeError(
+                f"operator: expected an AbstractLinearOperator, got {type(self.operator).__name__}."
+            )
+        if not callable(self.linearize):
+            raise TypeError(
+                "linearize: expected a callable (*batch) -> AbstractLinearOperator, got "
+                f"{type(self.linearize).__name__}."
+            )
+
+    def mv(self, vector: Tree) -> Tree:
+        return self.operator.mv(vector)
+
+    def transpose(self) -> AbstractLinearOperator:
+        linearize = self.linearize
+        return ResamplingOperator(
+            self.operator.transpose(), lambda *batch: linearize(*batch).transpose()
+        )
+
+    def at(self, batch: Any) -> AbstractLinearOperator:
+        """The operator on `batch`: a tuple or list is spread as the condition's `*args`, any
+        other object is its single extra argument."""
+        args = tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
+        operator = self.linearize(*args)
+        if not isinstance(operator, AbstractLinearOperator):
+            raise TypeError(
+                f"linearize: must return an AbstractLinearOperator, got {type(operator).__name__}."
+            )
+        return operator
 
 
 def damp(operator: AbstractLinearOperator, damping: float) -> AbstractLinearOperator:

@@ -15,6 +15,7 @@ from implicitfn._curvature import (
     AbstractCurvature,
     CompositeLoss,
     GaussNewton,
+    Hessian,
     jacobian_operator,
     scalar_loss,
 )
@@ -66,11 +67,16 @@ class AbstractOptimalityCondition(abc.ABC):
         return jacobian_operator(of_params, params, symmetric=self.symmetric, mode=mode)
 
     def check_curvature(self, curvature: AbstractCurvature) -> None:
-        """Raise before any computing when `curvature` cannot serve this condition."""
-        if isinstance(curvature, GaussNewton):
+        """Raise before any computing when `curvature` cannot serve this condition.
+
+        A curvature approximates the Hessian of a training loss; a condition without one has
+        only its exact Jacobian, which [`Hessian`][implicitfn.Hessian] stands for here.
+        """
+        if not isinstance(curvature, Hessian):
             raise TypeError(
-                f"curvature: GaussNewton applies to stationarity(CompositeLoss(...)) only, not "
-                f"to {type(self).__name__}; use curvature=implicitfn.Hessian() (the exact Jacobian)."
+                f"curvature: {type(curvature).__name__} approximates the Hessian of a training "
+                f"loss and applies to stationarity(...) only, not to {type(self).__name__}; use "
+                "curvature=implicitfn.Hessian() (the exact Jacobian)."
             )
 
 
@@ -262,7 +268,7 @@ def plain_autograd(tensors: Sequence[torch.Tensor]) -> bool:
     Measured on the comparison problems: a gradient by `torch.func.grad` costs 25-35% more
     than the same gradient by `torch.autograd.grad` (the functorch wrapping of every tensor).
     """
-    if under_transform():
+    if under_transform() or torch.compiler.is_compiling():
         return False
     return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 

@@ -1,13 +1,14 @@
 """What a solve reports, the errors it raises, and the one place that reads tensor values.
 
 Reading a tensor's value in Python (`bool(t)`) is impossible under `torch.func.vmap`; the
-helpers at the bottom unwrap functorch's wrappers so that convergence and finiteness checks
+helpers at the bottom unwrap functorch's wrappers so that outcome and finiteness checks
 still see real values there (rule 7 of the design notes keeps such reads out of solver steps).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 from typing import Any
 
 import torch
@@ -15,84 +16,174 @@ import torch.utils._pytree as pytree
 
 from implicitfn._tree import leaves
 
-__all__ = ["ImplicitSolveError", "ImplicitSolveWarning", "SolveInfo"]
+__all__ = ["ImplicitSolveError", "ImplicitSolveWarning", "Outcome", "SolveInfo"]
+
+
+class Outcome(enum.IntEnum):
+    r"""How a linear solve ended; [`SolveInfo.outcome`][implicitfn.SolveInfo] holds its code.
+
+    Every solver is judged by the same test on the *measured* residual of the solution it
+    returns, with the tolerance $\tau = \max(\mathrm{atol}, \mathrm{rtol}\,\lVert b\rVert)$:
+
+    - `SUCCESSFUL`: $\lVert b - A x\rVert \le \tau$.
+    - `MAX_STEPS_REACHED`: the budget (`max_steps`, `rank`, ...) was spent before the tolerance
+      was met. With `rtol=0` and `atol=0` that is the request (a fixed number of steps), not a
+      failure: see [`SolveInfo.failed`][implicitfn.SolveInfo].
+    - `DIVERGED`: $\lVert b - A x\rVert > \lVert b\rVert$, worse than $x = 0$, for a method
+      where that means divergence (a Neumann series with $\alpha > 2/\lambda_{\max}$).
+    - `BREAKDOWN`: a Krylov breakdown or stagnation (GMRES, MINRES), or a preconditioner that
+      is not positive definite (CG).
+    - `NEGATIVE_CURVATURE`: CG met $p^\top A p \le 0$: the operator is not positive definite.
+    - `SINGULAR`: a factorisation (Dense) or recurrence (MINRES) found $A$ singular to working
+      precision.
+    - `NONFINITE`: NaN or Inf in the residual or in the solution.
+    - `STAGNATED`: the measured residual stopped decreasing above $\tau$ with budget left. CG,
+      MINRES and GMRES stop on a recursive estimate of the residual; when the measured one
+      misses $\tau$, the solve restarts from where it stopped, and this outcome says that
+      restarting did not help either: $\tau$ is below the accuracy the dtype allows for this
+      condition number (use float64, a preconditioner, damping, or a looser `rtol`).
+
+    The tests run in this order: non-finite, tolerance met, an event the method detected
+    (breakdown, negative curvature, singular), diverged, stagnated, budget spent.
+
+    ```python
+    >>> import torch, implicitfn
+    >>> op = implicitfn.FunctionLinearOperator(lambda v: torch.tensor([1.0, -1.0]) * v,
+    ...                                       torch.zeros(2), tags={"symmetric"})
+    >>> _, info = implicitfn.CG().solve(op, torch.ones(2))
+    >>> implicitfn.Outcome(int(info.outcome))
+    <Outcome.NEGATIVE_CURVATURE: 4>
+    ```
+    """
+
+    SUCCESSFUL = 0
+    MAX_STEPS_REACHED = 1
+    DIVERGED = 2
+    BREAKDOWN = 3
+    NEGATIVE_CURVATURE = 4
+    SINGULAR = 5
+    NONFINITE = 6
+    STAGNATED = 7
 
 
 @dataclasses.dataclass(frozen=True)
 class SolveInfo:
     r"""What a linear solve reports about itself.
 
-    Under `torch.func.vmap` each field carries the batch dimension (one entry per solve).
+    Under `torch.func.vmap` each tensor carries the batch dimension (one entry per solve).
 
     **Fields:**
 
-    - `residual_norm`: $\lVert b - A x\rVert_2$ of the returned solution (CG: the recursive
-      residual; Neumann: the exact residual of the truncated series).
-    - `rhs_norm`: $\lVert b\rVert_2$, so `residual_norm / rhs_norm` is the relative residual.
-    - `num_steps`: operator products the solve spent (iterations, plus probes or power-iteration
-      steps where a solver uses them; not a final residual check).
-    - `converged`: the solve met its tolerance. For a fixed-step solve (`rtol=None`), it means
-      the steps ran without breakdown and left a finite residual smaller than $\lVert b\rVert$.
+    - `outcome`: an int64 code of [`Outcome`][implicitfn.Outcome].
+    - `residual_norm`: the measured $\lVert b - A x\rVert_2$ of the returned solution: exact
+      where the method keeps it (FixedPoint, Neumann, Dense), otherwise from one extra product
+      that `num_steps` does not count.
+    - `rhs_norm`: $\lVert b\rVert_2$.
+    - `tolerance`: $\max(\mathrm{atol}, \mathrm{rtol}\,\lVert b\rVert)$, the absolute residual
+      the solve was judged against (0 for a fixed number of steps).
+    - `num_steps`: operator products the method spent: iterations, the product of a warm start's
+      initial residual, and probes, sketch or power-iteration steps; not the final residual check.
     - `solver`: the name of the solver that produced it.
+
+    **Properties:** `successful` (the tolerance was met), `failed` (see below),
+    `relative_residual`.
 
     ```python
     >>> import torch, implicitfn
     >>> op = implicitfn.FunctionLinearOperator(lambda v: 2 * v, torch.zeros(3),
     ...                                       tags={"symmetric", "positive_semidefinite"})
     >>> x, info = implicitfn.CG().solve(op, torch.ones(3))
-    >>> bool(info.converged), int(info.num_steps)
-    (True, 1)
+    >>> bool(info.successful), int(info.num_steps), info.outcome_names()
+    (True, 1, ['successful'])
+    >>> print(info)
+    CG: outcome=successful, steps=1, relative residual=0.0e+00 (tolerance 1.0e-05)
     ```
     """
 
+    outcome: torch.Tensor
     residual_norm: torch.Tensor
     rhs_norm: torch.Tensor
+    tolerance: torch.Tensor
     num_steps: torch.Tensor
-    converged: torch.Tensor
     solver: str = ""
 
     @property
+    def successful(self) -> torch.Tensor:
+        """Bool tensor: the measured residual met the tolerance."""
+        # int(): under torch.compile, `tensor == IntEnum member` becomes a Python bool.
+        return self.outcome == int(Outcome.SUCCESSFUL)
+
+    @property
+    def failed(self) -> torch.Tensor:
+        """Bool tensor: not successful, except for a solve that asked for no tolerance.
+
+        A solver given `rtol=0` and `atol=0` deliberately runs its budget, so reaching it
+        (`MAX_STEPS_REACHED`) is what was asked for; every other unsuccessful outcome, and a
+        budget spent before a tolerance was met, is a failure.
+        """
+        ran_its_budget = (self.outcome == int(Outcome.MAX_STEPS_REACHED)) & (self.tolerance == 0)
+        return ~self.successful & ~ran_its_budget
+
+    @property
     def relative_residual(self) -> torch.Tensor:
-        """`residual_norm / rhs_norm` (0 when the right-hand side is 0)."""
+        """`residual_norm / rhs_norm` (0 when the right-hand side and the residual are 0)."""
         return self.residual_norm / torch.clamp(
             self.rhs_norm, min=torch.finfo(self.rhs_norm.dtype).tiny
         )
 
+    def outcome_names(self) -> list[str]:
+        """The outcomes as lower-case names, one per solve of a (flattened) batch."""
+        return [Outcome(code).name.lower() for code in concrete(self.outcome).reshape(-1).tolist()]
+
     def concrete(self) -> SolveInfo:
         """A copy with plain, detached tensors, safe to keep after a transform has finished."""
-        return SolveInfo(
-            residual_norm=concrete(self.residual_norm),
-            rhs_norm=concrete(self.rhs_norm),
-            num_steps=concrete(self.num_steps),
-            converged=concrete(self.converged),
-            solver=self.solver,
-        )
+        children, solver = _flatten(self)
+        return _unflatten([concrete(child) for child in children], solver)
 
     def __str__(self) -> str:
         info = self.concrete()
-        return (
-            f"{info.solver}: converged={info.converged.tolist()}, steps={info.num_steps.tolist()}, "
-            f"residual={info.residual_norm.tolist()}, |b|={info.rhs_norm.tolist()}"
+
+        def show(values: torch.Tensor, form: str) -> str:
+            shown = [format(value, form) for value in values.reshape(-1).tolist()]
+            return shown[0] if values.dim() == 0 else "[" + ", ".join(shown) + "]"
+
+        outcomes = info.outcome_names()
+        outcome = outcomes[0] if info.outcome.dim() == 0 else "[" + ", ".join(outcomes) + "]"
+        relative_tolerance = info.tolerance / torch.clamp(
+            info.rhs_norm, min=torch.finfo(info.rhs_norm.dtype).tiny
         )
+        return (
+            f"{info.solver}: outcome={outcome}, steps={show(info.num_steps, 'd')}, "
+            f"relative residual={show(info.relative_residual, '.1e')} "
+            f"(tolerance {show(relative_tolerance, '.1e')})"
+        )
+
+
+def _flatten(info: SolveInfo) -> tuple[list[torch.Tensor], str]:
+    return [
+        info.outcome,
+        info.residual_norm,
+        info.rhs_norm,
+        info.tolerance,
+        info.num_steps,
+    ], info.solver
+
+
+def _unflatten(children: Any, solver: str) -> SolveInfo:
+    return SolveInfo(*children, solver=solver)
 
 
 # A pytree, so that solves can return it from inside torch.func.vmap.
 pytree.register_pytree_node(
-    SolveInfo,
-    lambda info: (
-        [info.residual_norm, info.rhs_norm, info.num_steps, info.converged],
-        info.solver,
-    ),
-    lambda values, solver: SolveInfo(*values, solver=solver),
-    serialized_type_name="implicitfn.SolveInfo",
+    SolveInfo, _flatten, _unflatten, serialized_type_name="implicitfn.SolveInfo"
 )
 
 
 class ImplicitSolveError(RuntimeError):
-    """The backward linear solve did not converge or produced NaN/Inf.
+    """The backward linear solve failed ([`SolveInfo.failed`][implicitfn.SolveInfo]).
 
-    The `info` attribute holds the [`SolveInfo`][implicitfn.SolveInfo]. Pass
-    `on_failure="warn"` to [`implicit_diff`][implicitfn.implicit_diff] to get an
+    The `info` attribute holds the [`SolveInfo`][implicitfn.SolveInfo], whose `outcome` says
+    why. Pass `on_failure="warn"` to [`ImplicitAdjoint`][implicitfn.ImplicitAdjoint] to get an
     [`ImplicitSolveWarning`][implicitfn.ImplicitSolveWarning] instead.
 
     ```python

@@ -1,19 +1,133 @@
-"""The baseline that implicit differentiation replaces: reverse mode through unrolled steps."""
+"""Differentiation through unrolled steps: the adjoint that replays them from the solution, and
+the baseline that implicit differentiation replaces (unrolling a whole inner optimisation)."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from torch.func import grad
+import torch.utils._pytree as pytree
+from torch.func import grad, jvp, vjp
 
+from implicitfn._adjoint import AbstractAdjoint
 from implicitfn._curvature import scalar_loss
-from implicitfn._implicit import _check_args_finite, _check_tree, _detached
-from implicitfn._solution import all_finite
+from implicitfn._inputs import check_args_finite, check_tree, detached
+from implicitfn._optimality import AbstractOptimalityCondition, stationarity
+from implicitfn._solution import ImplicitSolveError, all_finite
 from implicitfn._tree import Tree, tree_axpy, tree_zeros_like
 
-__all__ = ["unrolled_hypergradient"]
+__all__ = ["UnrolledAdjoint", "unrolled_hypergradient"]
+
+
+@dataclasses.dataclass(frozen=True)
+class UnrolledAdjoint(AbstractAdjoint):
+    r"""Differentiate through $k$ unrolled steps of the inner iteration, started at the solution.
+
+    In the backward pass it replays $u_t = \beta u_{t-1} + F(w_{t-1}, \lambda)$,
+    $w_t = w_{t-1} - \eta\,u_t$ from $w_0 = w^*$ — gradient descent with heavy-ball momentum
+    for [`stationarity`][implicitfn.stationarity] (where $F = \nabla_w L$), the relaxed map
+    $w \leftarrow w + \eta(T(w) - w)$ for [`fixed_point`][implicitfn.fixed_point] — and
+    differentiates $w_k$ with respect to $\lambda$ and the data in reverse (or forward) mode.
+    This is truncated back-propagation (Shaban et al. 2019): with $\beta = 0$ it equals the
+    [`Neumann`][implicitfn.Neumann] series with `max_steps=k`, `alpha` $=\eta$ and `rtol=0` (Lorraine
+    et al. 2020), at $O(k)$ memory. Use it to compare against the implicit adjoint on the same
+    decorated solver. It runs no linear solve: `hypergradient` returns `info=None`, and a
+    NaN/Inf result raises [`ImplicitSolveError`][implicitfn.ImplicitSolveError].
+
+    **Arguments:**
+
+    - `steps`: $k \ge 1$.
+    - `learning_rate`: $\eta > 0$ (below $2/\lambda_{\max}$ of $A$, or the derivative grows
+      like $|1-\eta\lambda_{\max}|^k$).
+    - `momentum`: $\beta \in [0, 1)$.
+
+    ```python
+    >>> import torch, implicitfn
+    >>> inner = lambda w, lam: 0.5 * ((w - 1.0) ** 2).sum() + 0.5 * lam * (w ** 2).sum()
+    >>> outer = lambda w, lam: (w ** 2).sum()
+    >>> lam, w_star = torch.tensor(1.0, dtype=torch.float64), torch.full((2,), 0.5, dtype=torch.float64)
+    >>> g, info = implicitfn.hypergradient(inner, outer, w_star, lam,
+    ...     adjoint=implicitfn.UnrolledAdjoint(steps=30, learning_rate=0.4))
+    >>> round(float(g), 6), info                          # exact: -0.5
+    (-0.5, None)
+    ```
+    """
+
+    steps: int
+    learning_rate: float
+    momentum: float = 0.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int):
+            raise TypeError(f"steps: expected a positive int, got {type(self.steps).__name__}.")
+        if self.steps < 1:
+            raise ValueError(f"steps: must be >= 1 (got {self.steps}).")
+        for value, name in ((self.learning_rate, "learning_rate"), (self.momentum, "momentum")):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{name}: expected a float, got {type(value).__name__}.")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate: must be > 0 (got {self.learning_rate}).")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum: must be in [0, 1) (got {self.momentum}); use 0 for none.")
+
+    def check(self, condition: AbstractOptimalityCondition) -> None:
+        if not isinstance(condition, AbstractOptimalityCondition):
+            raise TypeError(
+                f"condition: expected an optimality condition, got {type(condition).__name__}."
+            )
+
+    def unroll(
+        self,
+        condition: AbstractOptimalityCondition,
+        start: Tree,
+        hparams: Tree,
+        args: Sequence[Any],
+    ) -> Tree:
+        """$w_k$ after `steps` steps from `start` (differentiable in everything)."""
+        w, velocity = start, tree_zeros_like(start)
+        for _ in range(self.steps):
+            velocity = tree_axpy(self.momentum, velocity, condition.residual(w, hparams, *args))
+            w = tree_axpy(-self.learning_rate, velocity, w)
+        return w
+
+    def _of_inputs(self, condition, solution, hparams, args, positions):
+        flat, spec = pytree.tree_flatten((hparams, tuple(args)))
+
+        def unrolled(*chosen: torch.Tensor) -> Tree:
+            full = list(flat)
+            for i, value in zip(positions, chosen, strict=True):
+                full[i] = value
+            h, a = pytree.tree_unflatten(full, spec)
+            return self.unroll(condition, solution, h, a)
+
+        return unrolled, [flat[i] for i in positions], len(flat)
+
+    def reverse(self, condition, solution, hparams, args, cotangent, selected):
+        positions = [i for i, chosen in enumerate(selected) if chosen]
+        unrolled, primals, size = self._of_inputs(condition, solution, hparams, args, positions)
+        _, pullback = vjp(unrolled, *primals)
+        products: list[Any] = [None] * size
+        for i, value in zip(positions, pullback(cotangent), strict=True):
+            products[i] = value
+        self._check_finite([p for p in products if p is not None])
+        return products, None
+
+    def forward(self, condition, solution, hparams, args, tangents):
+        positions = [i for i, t in enumerate(tangents) if t is not None]
+        unrolled, primals, _ = self._of_inputs(condition, solution, hparams, args, positions)
+        direction = jvp(unrolled, tuple(primals), tuple(tangents[i] for i in positions))[1]
+        self._check_finite(direction)
+        return direction
+
+    def _check_finite(self, tree: Any) -> None:
+        if not all_finite(tree):
+            raise ImplicitSolveError(
+                f"UnrolledAdjoint: the {self.steps} unrolled steps produced NaN/Inf; the "
+                f"unrolled iteration diverges. Use a learning_rate below 2 / (largest eigenvalue "
+                f"of dF/dw) (got {self.learning_rate}) or less momentum."
+            )
 
 
 def unrolled_hypergradient(
@@ -39,10 +153,11 @@ def unrolled_hypergradient(
     keep the whole computation graph, and differentiate $L_V(w_k(\lambda), \lambda)$ with respect
     to $\lambda$. $w_0$ is a constant. This is the baseline that
     [`implicit_diff`][implicitfn.implicit_diff] replaces: its time and memory grow linearly in
-    $k$, because every step's graph is kept.
+    $k$, because every step's graph is kept. (Started at $w^*$ instead, the same unrolling is
+    the [`UnrolledAdjoint`][implicitfn.UnrolledAdjoint], usable with any decorated solver.)
 
     Started at an inner solution $w_0 = w^*$ (truncated back-propagation) with $\beta = 0$, it
-    equals the [`Neumann`][implicitfn.Neumann] hypergradient with `steps=k - 1` and
+    equals the [`Neumann`][implicitfn.Neumann] hypergradient with `max_steps=k` and
     `alpha=learning_rate` (Lorraine et al., 2020): $-B^\top \eta\sum_{j<k}(I - \eta A)^j
     \nabla_w L_V$. Started far from $w^*$, it also carries the error of the unfinished inner
     optimisation.
@@ -67,51 +182,37 @@ def unrolled_hypergradient(
 
     ```python
     >>> import torch, implicitfn
-    >>> inner = lambda w, lam: 0.5 * ((w - 1.0) ** 2).sum() + 0.5 * lam * (w ** 2).sum()
-    >>> outer = lambda w, lam: (w ** 2).sum()
-    >>> lam = torch.tensor(1.0, dtype=torch.float64)
-    >>> w_star = torch.full((2,), 0.5, dtype=torch.float64)      # argmin: 1 / (1 + lam)
-    >>> g, w_k = implicitfn.unrolled_hypergradient(inner, outer, w_star, lam,
+    >>> train = lambda w, lam: 0.5 * ((w - 2.0) ** 2).sum() + 0.5 * lam * (w ** 2).sum()
+    >>> validation = lambda w, lam: (w ** 2).sum()          # w* = 2 / (1 + lam) = 1 at lam = 1
+    >>> lam, w_0 = torch.tensor(1.0, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
+    >>> g, w_k = implicitfn.unrolled_hypergradient(train, validation, w_0, lam,
     ...                                             steps=30, learning_rate=0.4)
-    >>> round(float(g), 6)                # implicit answer: d/dlam 2/(1+lam)^2 = -0.5
-    -0.5
-    >>> g, _ = implicitfn.unrolled_hypergradient(inner, outer, w_star, lam, steps=1,
-    ...                                          learning_rate=0.4)
-    >>> round(float(g), 6)                # one step: -B^T eta dL_V/dw = -(0.5)(0.4)(1.0 * 2)
-    -0.4
+    >>> round(float(g), 6), w_k                # converged: the implicit -16 / (1 + lam)^3
+    (-2.0, tensor([1., 1.], dtype=torch.float64))
+    >>> g, w_1 = implicitfn.unrolled_hypergradient(train, validation, w_0, lam, steps=1,
+    ...                                            learning_rate=0.4)
+    >>> float(g), w_1                          # one step from 0: lam has not acted yet
+    (0.0, tensor([0.8000, 0.8000], dtype=torch.float64))
     ```
     """
     for fn, name in ((inner_loss, "inner_loss"), (outer_loss, "outer_loss")):
         if not callable(fn):
             raise TypeError(f"{name}: expected a callable (params, hparams, *args) -> scalar.")
-    _check_tree(params, "params")
-    _check_tree(hparams, "hparams")
-    if isinstance(steps, bool) or not isinstance(steps, int):
-        raise TypeError(f"steps: expected a positive int, got {type(steps).__name__}.")
-    if steps < 1:
-        raise ValueError(f"steps: must be >= 1 (got {steps}).")
-    for value, name in ((learning_rate, "learning_rate"), (momentum, "momentum")):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"{name}: expected a float, got {type(value).__name__}.")
-    if not learning_rate > 0:
-        raise ValueError(f"learning_rate: must be > 0 (got {learning_rate}).")
-    if not 0 <= momentum < 1:
-        raise ValueError(f"momentum: must be in [0, 1) (got {momentum}); use 0 for plain descent.")
+    check_tree(params, "params")
+    check_tree(hparams, "hparams")
+    unrolling = UnrolledAdjoint(steps, learning_rate, momentum)  # validates the three numbers
     inner_args, outer_args = tuple(inner_args), tuple(outer_args)
-    _check_args_finite(inner_args)
-    train_gradient = grad(scalar_loss(inner_loss, "inner_loss"))
+    check_args_finite(inner_args)
+    condition = stationarity(inner_loss)
     validation = scalar_loss(outer_loss, "outer_loss")
-    start = _detached(params)
+    start = detached(params)
 
     def unrolled_objective(lam: Tree) -> tuple[torch.Tensor, Tree]:
-        w, velocity = start, tree_zeros_like(start)
-        for _ in range(steps):
-            # Every step stays in the graph: this is what costs O(k) memory.
-            velocity = tree_axpy(momentum, velocity, train_gradient(w, lam, *inner_args))
-            w = tree_axpy(-learning_rate, velocity, w)
+        # Every step stays in the graph: this is what costs O(k) memory.
+        w = unrolling.unroll(condition, start, lam, inner_args)
         return validation(w, lam, *outer_args), w
 
-    hypergrad, final_params = grad(unrolled_objective, has_aux=True)(_detached(hparams))
+    hypergrad, final_params = grad(unrolled_objective, has_aux=True)(detached(hparams))
     if not (all_finite(hypergrad) and all_finite(final_params)):
         raise FloatingPointError(
             f"unrolled_hypergradient: the {steps} unrolled steps produced NaN/Inf; the inner "

@@ -12,7 +12,10 @@ from implicitfn.testing import ridge_loss, ridge_solution
 def ridge_inner(solver, **options):
     """The ridge problem's exact inner solve, decorated."""
 
-    @implicitfn.implicit_diff(implicitfn.stationarity(ridge_loss), solver=solver, **options)
+    @implicitfn.implicit_diff(
+        implicitfn.stationarity(ridge_loss),
+        adjoint=implicitfn.ImplicitAdjoint(solver=solver, **options),
+    )
     def inner(params, hparams, x, y):
         return TensorDict({"w": ridge_solution(hparams["penalty"], x, y)})
 

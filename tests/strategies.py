@@ -6,6 +6,8 @@ import hypothesis.strategies as st
 import torch
 from tensordict import TensorDict
 
+import implicitfn
+
 MAX_CONDITION = 1e3
 
 
@@ -58,3 +60,54 @@ def spd_systems(draw, dtype=torch.float64):
     condition = draw(st.floats(1.0, MAX_CONDITION))
     seed = draw(st.integers(0, 2**16))
     return structure, spd_matrix(size, condition, seed, dtype), seed
+
+
+SOLVER_KINDS = (
+    "CG",
+    "MINRES",
+    "GMRES",
+    "FixedPoint",
+    "Neumann",
+    "StochasticNeumann",
+    "Nystrom",
+    "Dense",
+    "Identity",
+)
+
+
+@st.composite
+def linear_solvers(draw, kind: str):
+    """A solver of `kind` with a random configuration: tolerances from none (rtol=0) to tight,
+    budgets from 1 step, and step sizes that can diverge, so that every outcome occurs."""
+    tolerances = {
+        "rtol": draw(st.sampled_from([0.0, 1e-2, 1e-6, 1e-10])),
+        "atol": draw(st.sampled_from([0.0, 1e-9])),
+    }
+    budget = {"max_steps": draw(st.integers(1, 80))}
+    step = {"alpha": draw(st.sampled_from(["auto", 1e-3, 0.5, 1.0]))}
+    if kind == "CG":
+        preconditioner = draw(st.sampled_from([None, "jacobi"]))
+        probes = draw(st.integers(1, 8))
+        return implicitfn.CG(**budget, **tolerances, preconditioner=preconditioner, probes=probes)
+    if kind == "MINRES":
+        return implicitfn.MINRES(**budget, **tolerances)
+    if kind == "GMRES":
+        return implicitfn.GMRES(**budget, **tolerances, restart=draw(st.integers(1, 12)))
+    if kind == "FixedPoint":
+        return implicitfn.FixedPoint(**budget, **tolerances, **step)
+    if kind == "Neumann":
+        return implicitfn.Neumann(**budget, **tolerances, **step)
+    if kind == "StochasticNeumann":
+        scales = draw(st.lists(st.floats(0.8, 1.2), min_size=1, max_size=3))
+        return implicitfn.StochasticNeumann([(s,) for s in scales], **budget, **tolerances, **step)
+    if kind == "Nystrom":
+        return implicitfn.Nystrom(
+            rank=draw(st.integers(1, 20)),
+            damping=draw(st.sampled_from([1e-3, 1.0, 100.0])),
+            sketch=draw(st.sampled_from(["gaussian", "columns"])),
+            **tolerances,
+        )
+    if kind == "Dense":
+        return implicitfn.Dense(rtol=tolerances["rtol"] or 1e-12, atol=tolerances["atol"])
+    assert kind == "Identity", kind
+    return implicitfn.Identity(**tolerances)

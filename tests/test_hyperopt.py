@@ -52,7 +52,7 @@ def make_loop(inner=SGD, outer=ADAM, **overrides):
         inner_optimizer=inner,
         outer_optimizer=outer,
         inner_steps=30,
-        solver=implicitfn.CG(max_steps=20),
+        adjoint=implicitfn.ImplicitAdjoint(solver=implicitfn.CG(max_steps=20)),
         train_metrics={"mse": val_loss},
         val_metrics={"mse": val_loss},
     )
@@ -80,7 +80,7 @@ def test_hyperparameters_move_to_lower_validation_loss():
     assert state.hparams["decay"] > start + 2.0  # noisy labels call for more decay
     assert after < 0.7 * before
     assert history["val_loss"][-1] < history["val_loss"][0]
-    assert all(history["converged"]) and len(history) == 20
+    assert set(history["outcome"]) == {"successful"} and len(history) == 20
     assert {"train_mse", "val_mse", "inner_gradient_norm", "relative_residual"} <= set(
         history.records[-1]
     )
@@ -170,13 +170,14 @@ def test_history_plot_is_saved(tmp_path):
 def test_unconverged_backward_solve_raises_or_is_recorded():
     truncated = implicitfn.CG(max_steps=1, rtol=1e-14)
     with pytest.raises(implicitfn.ImplicitSolveError):
-        loop = make_loop(solver=truncated)
+        loop = make_loop(adjoint=implicitfn.ImplicitAdjoint(solver=truncated))
         loop.step(init_state(loop))
-    loop = make_loop(solver=truncated, on_failure="warn")
+    loop = make_loop(adjoint=implicitfn.ImplicitAdjoint(solver=truncated, on_failure="warn"))
     state = init_state(loop)
     with pytest.warns(implicitfn.ImplicitSolveWarning):
         record = loop.step(state)
-    assert record["converged"] is False and record["relative_residual"] > 1e-14
+    assert record["outcome"] == "max_steps_reached" and record["solve_failed"] is True
+    assert record["relative_residual"] > 1e-14
 
 
 def test_inner_divergence_is_reported():
@@ -225,10 +226,10 @@ def test_bad_configuration_is_refused_before_computing():
         make_loop(inner_steps=0)
     with pytest.raises(TypeError, match="train_loss"):
         make_loop(train_loss="loss")
-    with pytest.raises(TypeError, match="solver"):
-        make_loop(solver="cg")
+    with pytest.raises(TypeError, match="adjoint: expected"):
+        make_loop(adjoint=implicitfn.CG())
     with pytest.raises(TypeError, match="GaussNewton"):
-        make_loop(curvature=implicitfn.GaussNewton())
+        make_loop(adjoint=implicitfn.ImplicitAdjoint(curvature=implicitfn.GaussNewton()))
     with pytest.raises(ValueError, match="val_metrics: 'loss'"):
         make_loop(val_metrics={"loss": val_loss})
     with pytest.raises(TypeError, match="train_metrics: expected a dict"):
@@ -284,4 +285,4 @@ def test_progress_bar_shows_validation_metrics(capsys):
     loop = make_loop()
     loop.run(init_state(loop), outer_steps=2, progress=True)
     shown = capsys.readouterr().err
-    assert "hyper steps" in shown and "val_mse" in shown and "converged=yes" in shown
+    assert "hyper steps" in shown and "val_mse" in shown and "solve=successful" in shown

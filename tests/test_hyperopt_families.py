@@ -49,9 +49,9 @@ def assert_matches_finite_differences(train_loss, val_loss, params, hparams, tra
         hparams,
         inner_args=train_args,
         outer_args=val_args,
-        solver=SOLVER,
+        adjoint=implicitfn.ImplicitAdjoint(solver=SOLVER),
     )
-    assert bool(info.converged)
+    assert bool(info.successful)
     eps = 1e-5
     gen = torch.Generator().manual_seed(0)
     for _ in range(2):
@@ -266,7 +266,9 @@ def test_distilled_inputs_through_args_get_the_same_gradient():
     def train_loss(params, decay_raw, inputs, targets):
         return F.cross_entropy(logits(params, inputs), targets) + decay.penalty(decay_raw, params)
 
-    @implicitfn.implicit_diff(implicitfn.stationarity(train_loss), solver=SOLVER)
+    @implicitfn.implicit_diff(
+        implicitfn.stationarity(train_loss), adjoint=implicitfn.ImplicitAdjoint(solver=SOLVER)
+    )
     def train(params, decay_raw, inputs, targets):
         return newton(train_loss, params, decay_raw, inputs, targets)
 
@@ -283,7 +285,7 @@ def test_distilled_inputs_through_args_get_the_same_gradient():
         lambda p, h: cross_entropy(p, h, x_val, y_val),
         w_star.detach(),
         raw.detach(),
-        solver=SOLVER,
+        adjoint=implicitfn.ImplicitAdjoint(solver=SOLVER),
     )
     torch.testing.assert_close(raw["inputs"].grad, expected["inputs"])
 
@@ -329,7 +331,7 @@ def test_families_compose_in_one_hyperparameter_tree():
         inner_optimizer=lambda t: torch.optim.SGD(t, lr=0.5),
         outer_optimizer=lambda t: torch.optim.Adam(t, lr=0.05),
         inner_steps=10,
-        solver=implicitfn.CG(max_steps=20, rtol=None),
+        adjoint=implicitfn.ImplicitAdjoint(solver=implicitfn.CG(max_steps=20, rtol=0)),
     )
     state = loop.init(
         params,

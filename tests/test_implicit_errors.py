@@ -64,21 +64,50 @@ def test_nan_in_the_data():
 def test_symmetric_only_solver_on_fixed_point_condition():
     with pytest.raises(ValueError, match="CG needs a symmetric"):
         implicitfn.implicit_diff(
-            implicitfn.fixed_point(lambda w, h: 0.5 * w + h), solver=implicitfn.CG()
+            implicitfn.fixed_point(lambda w, h: 0.5 * w + h),
+            adjoint=implicitfn.ImplicitAdjoint(solver=implicitfn.CG()),
         )
 
 
-def test_gauss_newton_without_composite_loss():
+class DiagonalCurvature(implicitfn.AbstractCurvature):
+    """A user-written curvature: only meaningful for the Hessian of a training loss."""
+
+    def linearize(self, loss, params, hparams, *args):
+        return implicitfn.FunctionLinearOperator(lambda v: v, params, tags={"symmetric"})
+
+
+def test_a_curvature_the_condition_cannot_use_is_refused_at_decoration():
     with pytest.raises(TypeError, match="CompositeLoss"):
         implicitfn.implicit_diff(
-            implicitfn.stationarity(ridge_loss), curvature=implicitfn.GaussNewton()
+            implicitfn.stationarity(ridge_loss),
+            adjoint=implicitfn.ImplicitAdjoint(curvature=implicitfn.GaussNewton()),
         )
-    with pytest.raises(TypeError, match="GaussNewton applies to stationarity"):
-        implicitfn.implicit_diff(
-            implicitfn.fixed_point(lambda w, h: w),
-            solver=implicitfn.FixedPoint(),
-            curvature=implicitfn.GaussNewton(),
-        )
+    # Not silently ignored any more: a fixed point or root has no loss to approximate.
+    for curvature in (implicitfn.GaussNewton(), DiagonalCurvature()):
+        for condition in (implicitfn.fixed_point(lambda w, h: w), implicitfn.root(lambda w, h: w)):
+            name = type(curvature).__name__
+            with pytest.raises(
+                TypeError, match=rf"curvature: {name} .* stationarity\(\.\.\.\) only"
+            ):
+                implicitfn.implicit_diff(
+                    condition,
+                    adjoint=implicitfn.ImplicitAdjoint(
+                        solver=implicitfn.GMRES(), curvature=curvature
+                    ),
+                )
+
+
+def test_a_symmetric_only_solver_is_refused_for_a_non_symmetric_condition():
+    for solver in (implicitfn.CG(), implicitfn.MINRES(), implicitfn.Nystrom()):
+        with pytest.raises(
+            ValueError, match=f"adjoint.solver: {type(solver).__name__} needs a symmetric"
+        ):
+            implicitfn.implicit_diff(
+                implicitfn.fixed_point(lambda w, h: 0.5 * w + h),
+                adjoint=implicitfn.ImplicitAdjoint(solver=solver),
+            )
+    with pytest.raises(TypeError, match="adjoint: expected implicitfn.ImplicitAdjoint"):
+        implicitfn.implicit_diff(implicitfn.stationarity(ridge_loss), adjoint=implicitfn.CG())
 
 
 def test_bad_decorator_options():
@@ -86,11 +115,11 @@ def test_bad_decorator_options():
     with pytest.raises(TypeError, match="condition: expected an optimality condition"):
         implicitfn.implicit_diff(ridge_loss)
     with pytest.raises(TypeError, match="solver: expected"):
-        implicitfn.implicit_diff(condition, solver="cg")
+        implicitfn.implicit_diff(condition, adjoint=implicitfn.ImplicitAdjoint(solver="cg"))
     with pytest.raises(ValueError, match="on_failure"):
-        implicitfn.implicit_diff(condition, on_failure="ignore")
+        implicitfn.implicit_diff(condition, adjoint=implicitfn.ImplicitAdjoint(on_failure="ignore"))
     with pytest.raises(ValueError, match="damping"):
-        implicitfn.implicit_diff(condition, damping=-1.0)
+        implicitfn.implicit_diff(condition, adjoint=implicitfn.ImplicitAdjoint(damping=-1.0))
 
 
 def test_non_convergence_raises_by_default_and_warns_on_request():
@@ -101,14 +130,24 @@ def test_non_convergence_raises_by_default_and_warns_on_request():
     hparams = TensorDict({"penalty": penalty})
     solver = implicitfn.CG(max_steps=2, rtol=1e-10)
     w = ridge_inner(solver)(params, hparams, x, y)
-    with pytest.raises(implicitfn.ImplicitSolveError, match="did not converge") as caught:
+    with pytest.raises(implicitfn.ImplicitSolveError, match="outcome=max_steps_reached") as caught:
         w["w"].sum().backward()
-    assert not bool(caught.value.info.converged)
+    message = str(caught.value)  # names the condition, curvature and solver, and the fix
+    assert "condition Stationarity" in message and "curvature Hessian" in message
+    assert "solver CG(max_steps=2" in message and "Allow more steps" in message
+    assert not bool(caught.value.info.successful) and bool(caught.value.info.failed)
     assert penalty.grad is None
     w = ridge_inner(solver, on_failure="warn")(params, hparams, x, y)
     with pytest.warns(implicitfn.ImplicitSolveWarning):
         w["w"].sum().backward()
     assert penalty.grad is not None
+    # The same two steps asked for explicitly (rtol=0): reported, but not a failure.
+    infos = []
+    w = ridge_inner(implicitfn.CG(max_steps=2, rtol=0), callback=infos.append)(
+        params, hparams, x, y
+    )
+    w["w"].sum().backward()
+    assert infos[0].outcome_names() == ["max_steps_reached"] and not bool(infos[0].failed)
 
 
 def test_non_convergence_under_vmap_still_raises():
@@ -133,7 +172,8 @@ def test_nan_is_never_returned_even_with_warn():
         return ridge_loss(params, hparams, x, y) * hparams["scale"]
 
     @implicitfn.implicit_diff(
-        implicitfn.stationarity(train_loss), solver=implicitfn.Dense(), on_failure="warn"
+        implicitfn.stationarity(train_loss),
+        adjoint=implicitfn.ImplicitAdjoint(solver=implicitfn.Dense(), on_failure="warn"),
     )
     def inner(params, hparams, x, y):
         return TensorDict({"w": ridge_solution(hparams["penalty"], x, y)})

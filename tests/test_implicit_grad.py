@@ -80,10 +80,10 @@ def test_torch_func_grad_and_one_call_function_agree():
         {"penalty": penalty},
         inner_args=(x, y),
         outer_args=(x_val, y_val),
-        solver=implicitfn.CG(rtol=1e-12),
+        adjoint=implicitfn.ImplicitAdjoint(solver=implicitfn.CG(rtol=1e-12)),
     )
     torch.testing.assert_close(gradient["penalty"], expected)
-    assert bool(info.converged) and int(info.num_steps) <= 4
+    assert bool(info.successful) and int(info.num_steps) <= 4
 
 
 def test_direct_term_is_included_by_hypergradient():
@@ -113,7 +113,8 @@ def test_logistic_regression_matches_dense_hessian_solve(solver, curvature):
     )
 
     @implicitfn.implicit_diff(
-        implicitfn.stationarity(logistic_loss), solver=solver, curvature=curvature
+        implicitfn.stationarity(logistic_loss),
+        adjoint=implicitfn.ImplicitAdjoint(solver=solver, curvature=curvature),
     )
     def inner(params, hparams, x, y):
         return newton_minimise(logistic_loss, params, hparams, x, y)
@@ -165,7 +166,8 @@ def test_mlp_matches_central_finite_differences():
     params0 = newton_minimise(train_loss, start, hparams, x, y, steps=40)
 
     @implicitfn.implicit_diff(
-        implicitfn.stationarity(train_loss), solver=implicitfn.CG(rtol=1e-12, max_steps=200)
+        implicitfn.stationarity(train_loss),
+        adjoint=implicitfn.ImplicitAdjoint(solver=implicitfn.CG(rtol=1e-12, max_steps=200)),
     )
     def inner(params, hparams, x, y):
         return newton_minimise(train_loss, params, hparams, x, y, steps=5)
@@ -189,7 +191,8 @@ def test_fixed_point_condition_matches_finite_differences():
         return torch.tanh(a @ w + b @ lam)
 
     @implicitfn.implicit_diff(
-        implicitfn.fixed_point(mapping), solver=implicitfn.FixedPoint(max_steps=500, rtol=1e-13)
+        implicitfn.fixed_point(mapping),
+        adjoint=implicitfn.ImplicitAdjoint(solver=implicitfn.FixedPoint(max_steps=500, rtol=1e-13)),
     )
     def inner(w, lam, a):
         for _ in range(300):
@@ -220,7 +223,10 @@ def test_layouts_scalar_plain_tensor_and_nested():
     def train_loss(w, lam, x, y):
         return 0.5 * ((x @ w - y) ** 2).sum() + 0.5 * lam * (w**2).sum()
 
-    @implicitfn.implicit_diff(implicitfn.stationarity(train_loss), solver=implicitfn.CG(rtol=1e-12))
+    @implicitfn.implicit_diff(
+        implicitfn.stationarity(train_loss),
+        adjoint=implicitfn.ImplicitAdjoint(solver=implicitfn.CG(rtol=1e-12)),
+    )
     def inner(w, lam, x, y):
         return ridge_solution(lam * torch.ones(3, dtype=torch.float64), x, y)
 
@@ -242,7 +248,10 @@ def test_layouts_scalar_plain_tensor_and_nested():
         w = params["model", "w"]
         return 0.5 * ((x @ w - y) ** 2).sum() + 0.5 * (hparams["decay"]["per_feature"] * w**2).sum()
 
-    @implicitfn.implicit_diff(implicitfn.stationarity(nested_loss), solver=implicitfn.Dense())
+    @implicitfn.implicit_diff(
+        implicitfn.stationarity(nested_loss),
+        adjoint=implicitfn.ImplicitAdjoint(solver=implicitfn.Dense()),
+    )
     def nested_inner(params, hparams, x, y):
         return TensorDict({"model": {"w": ridge_solution(hparams["decay"]["per_feature"], x, y)}})
 
@@ -286,7 +295,8 @@ def test_gauss_newton_curvature_and_damping_options():
     }.items():
 
         @implicitfn.implicit_diff(
-            implicitfn.stationarity(loss), solver=implicitfn.CG(rtol=1e-12), **options
+            implicitfn.stationarity(loss),
+            adjoint=implicitfn.ImplicitAdjoint(solver=implicitfn.CG(rtol=1e-12), **options),
         )
         def inner(params, hparams, x, y):
             return {"w": ridge_solution(hparams["penalty"], x, y)}
@@ -324,5 +334,5 @@ def test_callback_receives_the_solve_info():
         y_val,
     ).backward()
     assert len(infos) == 1
-    assert bool(infos[0].converged) and infos[0].solver == "CG"
+    assert bool(infos[0].successful) and infos[0].solver == "CG"
     assert float(infos[0].relative_residual) <= 1e-10

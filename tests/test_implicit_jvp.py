@@ -68,7 +68,8 @@ def test_forward_and_reverse_are_adjoint():
     mapping = lambda w, lam: torch.tanh(a @ w + b @ lam)  # noqa: E731
 
     @implicitfn.implicit_diff(
-        implicitfn.fixed_point(mapping), solver=implicitfn.FixedPoint(max_steps=500, rtol=1e-13)
+        implicitfn.fixed_point(mapping),
+        adjoint=implicitfn.ImplicitAdjoint(solver=implicitfn.FixedPoint(max_steps=500, rtol=1e-13)),
     )
     def inner(w, lam):
         for _ in range(200):

@@ -12,7 +12,7 @@ SOLVERS = [
     implicitfn.CG(rtol=1e-12),
     implicitfn.Dense(),
     implicitfn.FixedPoint(max_steps=3000, alpha=0.02, rtol=1e-11),
-    implicitfn.Neumann(steps=3000, alpha=0.02),
+    implicitfn.Neumann(max_steps=3000, alpha=0.02, rtol=1e-10),
 ]
 
 
@@ -63,7 +63,7 @@ def test_vmap_over_batched_tensordict_hparams_and_shared_data():
     for i in range(4):
         single = torch.func.grad(lambda p: (ridge_solution(p, x[0], y[0]) ** 2).sum())(penalty[i])
         torch.testing.assert_close(batched["penalty"][i], single)
-    assert infos[0].converged.shape == (4,) and bool(infos[0].converged.all())
+    assert infos[0].outcome.shape == (4,) and bool(infos[0].successful.all())
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,10 @@ X_VAL, Y_VAL = torch.randn(64, 20), torch.randn(64)
 KEPT: list[weakref.ref] = []
 
 
-@implicitfn.implicit_diff(implicitfn.stationarity(ridge_loss), solver=implicitfn.CG(max_steps=20, rtol=None))
+@implicitfn.implicit_diff(
+    implicitfn.stationarity(ridge_loss),
+    adjoint=implicitfn.ImplicitAdjoint(solver=implicitfn.CG(max_steps=20, rtol=0)),
+)
 def sgd_inner(params, hparams, x, y):
     """A plain autograd SGD loop: the kind of graph that must not be kept."""
     w = params["w"].clone().requires_grad_()

@@ -82,7 +82,7 @@ def test_many_steps_from_the_solution_give_the_implicit_hypergradient(ridge, mom
 
 
 @pytest.mark.parametrize("steps", [2, 8])
-def test_from_the_solution_it_equals_neumann_with_one_term_less(ridge, steps):
+def test_from_the_solution_it_equals_neumann_with_as_many_terms(ridge, steps):
     x, y, x_val, y_val, penalty, learning_rate = ridge
     w_star = td(w=ridge_solution(penalty, x, y))
     hypergrad, _ = unrolled(ridge, w_star["w"], steps)
@@ -93,7 +93,9 @@ def test_from_the_solution_it_equals_neumann_with_one_term_less(ridge, steps):
         td(penalty=penalty),
         inner_args=(x, y),
         outer_args=(x_val, y_val),
-        solver=implicitfn.Neumann(steps=steps - 1, alpha=learning_rate),
+        adjoint=implicitfn.ImplicitAdjoint(
+            solver=implicitfn.Neumann(max_steps=steps, alpha=learning_rate)
+        ),
     )
     assert_trees_close(hypergrad, neumann)
 
@@ -191,3 +193,42 @@ def test_bad_arguments_raise_before_computing(overrides, error, match):
             **arguments,
         )
     assert not calls
+
+
+@pytest.mark.parametrize("steps", [2, 8])
+def test_the_unrolled_adjoint_equals_neumann_through_one_decorated_solver(ridge, steps):
+    """The same decorated inner solver, differentiated by either adjoint, in reverse and forward
+    mode: unrolling k steps from w* is the Neumann series with k terms."""
+    x, y, x_val, y_val, penalty, learning_rate = ridge
+    neumann = implicitfn.ImplicitAdjoint(
+        solver=implicitfn.Neumann(max_steps=steps, alpha=learning_rate)
+    )
+    unrolling = implicitfn.UnrolledAdjoint(steps=steps, learning_rate=learning_rate)
+    results = {}
+    for name, adjoint in (("neumann", neumann), ("unrolled", unrolling)):
+
+        @implicitfn.implicit_diff(implicitfn.stationarity(ridge_loss), adjoint=adjoint)
+        def fit(params, hparams, x, y):
+            return td(w=ridge_solution(hparams["penalty"], x, y))
+
+        def objective(lam, fit=fit):
+            w = fit(td(w=torch.zeros(4, dtype=torch.float64)), td(penalty=lam), x, y)
+            return validation_loss(w, None, x_val, y_val)
+
+        results[name] = (torch.func.grad(objective)(penalty), torch.func.jacfwd(objective)(penalty))
+    assert_trees_close(results["unrolled"], results["neumann"])
+
+
+def test_the_unrolled_adjoint_reports_divergence(ridge):
+    x, y, x_val, y_val, penalty, learning_rate = ridge
+    w_star = td(w=ridge_solution(penalty, x, y))
+    with pytest.raises(implicitfn.ImplicitSolveError, match="NaN/Inf"):
+        implicitfn.hypergradient(
+            ridge_loss, validation_loss, w_star, td(penalty=penalty), inner_args=(x, y),
+            outer_args=(x_val, y_val),
+            adjoint=implicitfn.UnrolledAdjoint(steps=2000, learning_rate=50 * learning_rate),
+        )  # fmt: skip
+    with pytest.raises(ValueError, match="learning_rate: must be > 0"):
+        implicitfn.UnrolledAdjoint(steps=3, learning_rate=0.0)
+    with pytest.raises(TypeError, match="steps: expected a positive int"):
+        implicitfn.UnrolledAdjoint(steps=2.5, learning_rate=0.1)

@@ -75,9 +75,11 @@ def make_adapt(curvature, record):
 
     @implicitfn.implicit_diff(
         implicitfn.stationarity(INNER_LOSS),
-        solver=implicitfn.CG(max_steps=80, rtol=1e-11),
-        curvature=curvature,
-        callback=lambda info: record["solves"].append(info),
+        adjoint=implicitfn.ImplicitAdjoint(
+            solver=implicitfn.CG(max_steps=80, rtol=1e-11),
+            curvature=curvature,
+            callback=lambda info: record["solves"].append(info),
+        ),
     )
     def adapt(params, hparams, x, y):
         record["inner_calls"] += 1
@@ -149,14 +151,15 @@ def test_vmapped_meta_gradient_equals_loop_over_tasks(curvature):
     assert record["inner_calls"] == 1 and loop_record["inner_calls"] == TASKS
     assert len(record["solves"]) == 1 and len(loop_record["solves"]) == TASKS
     info = record["solves"][0]
-    assert info.converged.shape == (TASKS,) and bool(info.converged.all())
+    assert info.successful.shape == (TASKS,) and bool(info.successful.all())
     # ... in which each task stops counting when its own residual is small enough, as the eager
     # loop's solves stop (its backward visits the tasks in reverse order), give or take one
     # step of rounding at the threshold; a common step count would report max_steps for all.
     steps = info.num_steps
     loop_steps = torch.stack([i.num_steps for i in reversed(loop_record["solves"])])
     assert int((steps - loop_steps).abs().max()) <= 1, (steps, loop_steps)
-    assert len(set(steps.tolist())) > 1, f"tasks should need different step counts: {steps}"
+    if len(set(loop_steps.tolist())) > 2:  # the tasks really differ (not by one rounding step)
+        assert len(set(steps.tolist())) > 1, f"tasks should need different step counts: {steps}"
 
 
 def test_backward_through_vmap_equals_loop():

@@ -1,4 +1,6 @@
-"""Helpers shared by the examples: digits splits, small models, training from scratch, CLI.
+"""Helpers shared by the examples: the command line, digits splits, small classifiers, the
+hyper-optimisation loop they all configure alike, test-set records, reference trainings from
+scratch, and saving the figure.
 
 The examples put `examples/` on `sys.path` by being run as scripts, so `import support` works.
 """
@@ -6,15 +8,51 @@ The examples put `examples/` on `sys.path` by being run as scripts, so `import s
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import pathlib
+from collections.abc import Callable
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from tqdm.auto import tqdm
 
 import implicitfn
+from implicitfn import hyperopt
 
 NUM_CLASSES = 10
+
+
+def command_line(doc: str, default_plot: str, **defaults: Any) -> argparse.Namespace:
+    """`--fast` (CI), `--plot PATH`, `--no-progress`, plus `--NAME` for every default given.
+
+    The description is the first line of `doc` (the example's docstring). A default given as a
+    pair `(full, fast)` takes the second value under `--fast`.
+    """
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--fast", action="store_true", help="a few steps, for CI")
+    parser.add_argument(
+        "--plot",
+        type=pathlib.Path,
+        default=pathlib.Path("outputs") / default_plot,
+        help="where to save the figure (default: %(default)s)",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    fast = {}
+    for name, value in defaults.items():
+        if isinstance(value, tuple):
+            value, fast[name] = value
+        flag, shown = f"--{name.replace('_', '-')}", "default: %(default)s"
+        help_text = f"{shown}; {fast[name]} with --fast" if name in fast else shown
+        parser.add_argument(flag, type=type(value), default=value, help=help_text)
+    args = parser.parse_args()
+    if args.fast:
+        vars(args).update(fast)
+    args.progress = not args.no_progress
+    torch.set_num_threads(1)  # small models: one thread is fastest and fair on shared machines
+    return args
 
 
 def digits_splits(sizes: dict[str, int], seed: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -58,18 +96,10 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return (logits.argmax(dim=-1) == labels).float().mean()
 
 
-def train_from_scratch(loss, params, steps: int, lr: float, description: str, progress: bool):
-    """Full-batch Adam on `loss(params)` from `params` (copied): the reference trainings."""
-    params = params.clone()
-    tensors = list(params.values(include_nested=True, leaves_only=True))
-    for tensor in tensors:
-        tensor.requires_grad_(True)
-    optimizer = torch.optim.Adam(tensors, lr=lr)
-    for _ in tqdm(range(steps), desc=description, disable=not progress, leave=False):
-        optimizer.zero_grad()
-        loss(params).backward()
-        optimizer.step()
-    return params.detach()
+def test_accuracy(apply, params, x: torch.Tensor, y: torch.Tensor) -> float:
+    """The accuracy of the classifier `apply` with weights `params` on `(x, y)`, without autograd."""
+    with torch.no_grad():
+        return float(accuracy(apply(params, x), y))
 
 
 def l2_penalty(params, strength: float = 1e-3) -> torch.Tensor:
@@ -77,26 +107,123 @@ def l2_penalty(params, strength: float = 1e-3) -> torch.Tensor:
     return 0.5 * strength * sum((p**2).sum() for p in params.values(True, True))
 
 
+def penalised_cross_entropy(apply, params, inputs, targets, decay: float) -> torch.Tensor:
+    """Cross-entropy of the classifier on `(inputs, targets)` plus `l2_penalty(params, decay)`."""
+    return F.cross_entropy(apply(params, inputs), targets) + l2_penalty(params, decay)
+
+
+def hyper_optimizer(
+    apply,
+    train_loss,
+    args: argparse.Namespace,
+    *,
+    cg_steps: int,
+    cg_rtol: float = 0.0,
+    curvature: implicitfn.AbstractCurvature = implicitfn.Hessian(),
+    inner_lr: float = 1e-2,
+    train_metrics: dict[str, Callable] | None = None,
+) -> hyperopt.HyperOptimizer:
+    """The `HyperOptimizer` of the examples: a classifier `apply`, tuned on validation data.
+
+    The validation loss is the cross-entropy of `apply(params, x)` on a validation batch
+    `(x, y)`. Each hyper step follows `args.inner_steps` Adam steps (learning rate `inner_lr`) on
+    `train_loss`, and is an Adam step of `args.hyper_lr` on the hyperparameters. The backward
+    solve is CG with at most `cg_steps` steps, stopping at the relative residual `cg_rtol`
+    (`0`: exactly `cg_steps` steps, truncated CG as in Lorraine et al. 2020), with
+    `curvature`. The history records the accuracy on each batch (a training batch may carry more
+    than `(x, y)`: example indices, noise), unless `train_metrics` replaces the training one.
+
+    The one place where the hyper-optimisation examples configure the backward pass.
+    """
+
+    def val_loss(params, hparams, x, y):
+        return F.cross_entropy(apply(params, x), y)
+
+    def batch_accuracy(params, hparams, x, y, *rest):
+        return accuracy(apply(params, x), y)
+
+    return hyperopt.HyperOptimizer(
+        train_loss=train_loss,
+        val_loss=val_loss,
+        inner_optimizer=functools.partial(torch.optim.Adam, lr=inner_lr),
+        outer_optimizer=functools.partial(torch.optim.Adam, lr=args.hyper_lr),
+        inner_steps=args.inner_steps,
+        adjoint=implicitfn.ImplicitAdjoint(
+            solver=implicitfn.CG(max_steps=cg_steps, rtol=cg_rtol), curvature=curvature
+        ),
+        train_metrics=train_metrics or {"accuracy": batch_accuracy},
+        val_metrics={"accuracy": batch_accuracy},
+    )
+
+
+def record_every(every: int, last: int, measure: Callable[[Any], dict[str, float]]):
+    """A `HyperOptimizer.run` callback recording `measure(state)` at hyper step 1, every `every`
+    steps and step `last`.
+
+    **Returns:** `(callback, records)`: `records["step"]` lists the steps measured and
+    `records[key]` the values of each key of the measurements.
+    """
+    records: dict[str, list] = {"step": []}
+
+    def callback(state, record) -> None:
+        step = record["step"]
+        if step in (1, last) or step % every == 0:
+            records["step"].append(step)
+            for key, value in measure(state).items():
+                records.setdefault(key, []).append(value)
+
+    return callback, records
+
+
+@dataclasses.dataclass(frozen=True)
+class ScratchTraining:
+    """Reference trainings: the classifier trained from scratch on a fixed loss, then tested.
+
+    Full-batch Adam (lr 1e-2), `steps` steps from (a copy of) the initial `params`; the test
+    accuracy is measured on `test = (x, y)`. `decay` is the strength of the L2 penalty that
+    `accuracy_on` adds to the cross-entropy.
+    """
+
+    apply: Callable
+    params: Any
+    test: tuple[torch.Tensor, torch.Tensor]
+    steps: int
+    decay: float
+    progress: bool
+
+    def train(self, loss, description: str):
+        """Minimise `loss(params)` from the initial params; returns the trained params."""
+        params = self.params.clone()
+        tensors = list(params.values(include_nested=True, leaves_only=True))
+        for tensor in tensors:
+            tensor.requires_grad_(True)
+        optimizer = torch.optim.Adam(tensors, lr=1e-2)
+        for _ in tqdm(range(self.steps), desc=description, disable=not self.progress, leave=False):
+            optimizer.zero_grad()
+            loss(params).backward()
+            optimizer.step()
+        return params.detach()
+
+    def accuracy(self, loss, description: str) -> float:
+        """Test accuracy after training on `loss(params)`."""
+        return test_accuracy(self.apply, self.train(loss, description), *self.test)
+
+    def accuracy_on(self, inputs, targets, description: str) -> float:
+        """Test accuracy after training on `penalised_cross_entropy` of `(inputs, targets)`."""
+
+        def loss(params):
+            return penalised_cross_entropy(self.apply, params, inputs, targets, self.decay)
+
+        return self.accuracy(loss, description)
+
+
 def report_target(name: str, value: float, target: float) -> None:
     """Print a result against the target the issue sets for it."""
     print(f"{name}: {value:.3f}, target >= {target} -> {'met' if value >= target else 'NOT met'}")
 
 
-def command_line(description: str, default_plot: str, **defaults) -> argparse.Namespace:
-    """`--fast` (CI), `--plot PATH`, `--no-progress`, plus `--NAME` for every default given."""
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--fast", action="store_true", help="a few steps, for CI")
-    parser.add_argument(
-        "--plot",
-        type=pathlib.Path,
-        default=pathlib.Path("outputs") / default_plot,
-        help="where to save the figure (default: %(default)s)",
-    )
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
-    for name, value in defaults.items():
-        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
-    args = parser.parse_args()
-    args.plot.parent.mkdir(parents=True, exist_ok=True)
-    args.progress = not args.no_progress
-    torch.set_num_threads(1)  # small models: one thread is fastest and fair on shared machines
-    return args
+def save_figure(figure, path: pathlib.Path) -> None:
+    """Save a matplotlib figure at 120 dpi (creating its folder) and say where."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    print(f"\nplot saved to {path}")

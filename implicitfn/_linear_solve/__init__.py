@@ -9,7 +9,7 @@ from implicitfn._linear_solve._identity import Identity
 from implicitfn._linear_solve._minres import MINRES
 from implicitfn._linear_solve._neumann import Neumann
 from implicitfn._linear_solve._nystrom import Nystrom
-from implicitfn._linear_solve._stochastic_neumann import ResamplingOperator, StochasticNeumann
+from implicitfn._linear_solve._stochastic_neumann import StochasticNeumann
 
 __all__ = [
     "AbstractLinearSolver",
@@ -21,6 +21,5 @@ __all__ = [
     "MINRES",
     "Neumann",
     "Nystrom",
-    "ResamplingOperator",
     "StochasticNeumann",
 ]

@@ -1,26 +1,43 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import torch
 
-from implicitfn._linear_solve._base import AbstractLinearSolver, check_tolerance
-from implicitfn._solution import SolveInfo
+from implicitfn._linear_solve._base import AbstractLinearSolver, check_tolerances
+from implicitfn._solution import Outcome
 from implicitfn._tree import tree_ravel
+
+
+class Factorisation(NamedTuple):
+    r"""The state of Dense: $A$ as a matrix and its LU factorisation, for $A$ or $A^\top$."""
+
+    matrix: torch.Tensor
+    lu: torch.Tensor
+    pivots: torch.Tensor
+    singular: torch.Tensor  # LU met an exactly zero pivot
+    adjoint: bool  # solve with A^T
 
 
 @dataclasses.dataclass(frozen=True)
 class Dense(AbstractLinearSolver):
     r"""Materialise $A$ as an $n\times n$ matrix (one vmapped product over the basis) and solve exactly.
 
-    Costs $n$ operator products, $O(n^2)$ memory and an $O(n^3)$ LU factorisation: for small
-    problems and as the reference the other solvers are compared against. A singular matrix is
-    reported as `converged=False`.
+    `init` costs $n$ operator products, $O(n^2)$ memory and an $O(n^3)$ LU factorisation, done
+    once: every right-hand side of a vmapped batch, and the solve with $A^\top$
+    (`transpose=True`, `torch.linalg.lu_solve(..., adjoint=True)`), reuse it. For small problems
+    and as the reference the other solvers are compared against.
+
+    A direct solve has no budget to spend: when its residual misses the tolerance, $A$ is
+    singular to working precision, and the outcome is `Outcome.SINGULAR`. An exactly zero pivot
+    returns $x = 0$ (and `SINGULAR`), never NaN.
 
     **Arguments:**
 
-    - `rtol`: the relative residual under which the solve counts as converged; `None` uses
-      $\sqrt{\varepsilon}$ of the dtype.
+    - `rtol`, `atol`: the tolerance of the measured residual, $\max(\mathrm{atol},
+      \mathrm{rtol}\lVert b\rVert)$; not both 0, which would judge every rounding error a
+      failure.
 
     ```python
     >>> import torch, implicitfn
@@ -29,21 +46,46 @@ class Dense(AbstractLinearSolver):
     ...                                       transpose_matvec=lambda u: M.T @ u)
     >>> implicitfn.Dense().solve(op, torch.tensor([3.0, 1.0]))[0]
     tensor([1., 1.])
+    >>> solver = implicitfn.Dense()
+    >>> state = solver.init(op)                          # 2 products, one LU
+    >>> x, residual, event, steps = solver.compute(solver.transpose(state, op),
+    ...                                            torch.tensor([2.0, 2.0]), None)
+    >>> x                                                 # solves M^T x = b, no new product
+    tensor([1., 1.])
     ```
     """
 
-    rtol: float | None = None
+    rtol: float = 1e-5
+    atol: float = 0.0
 
     def __post_init__(self) -> None:
-        check_tolerance(self.rtol, "rtol", allow_none=True)
+        check_tolerances(self)
+        if self.rtol == 0 and self.atol == 0:
+            raise ValueError(
+                "rtol, atol: Dense needs a tolerance (both are 0); a direct solve has no budget "
+                "to run, so rtol=0 would report every rounding error as SINGULAR. Keep the "
+                "default rtol=1e-5."
+            )
 
-    def _solve(self, operator, vector, initial):
+    @property
+    def fixed_steps(self) -> bool:
+        return True
+
+    def init(self, operator) -> Factorisation:
         matrix = operator.as_matrix()
+        lu, pivots, info = torch.linalg.lu_factor_ex(matrix)
+        return Factorisation(matrix, lu, pivots, info != 0, adjoint=False)
+
+    def transpose(self, state: Factorisation, operator) -> Factorisation:
+        return state._replace(adjoint=not state.adjoint)
+
+    def compute(self, state: Factorisation, vector, initial):
         rhs, unravel = tree_ravel(vector)
-        solution, status = torch.linalg.solve_ex(matrix, rhs)
-        residual = torch.linalg.vector_norm(matrix @ solution - rhs)
-        rhs_norm = torch.linalg.vector_norm(rhs)
-        rtol = torch.finfo(rhs.dtype).eps ** 0.5 if self.rtol is None else self.rtol
-        converged = (status == 0) & torch.isfinite(residual) & (residual <= rtol * rhs_norm)
-        steps = torch.tensor(rhs.numel(), device=rhs.device)
-        return unravel(solution), SolveInfo(residual, rhs_norm, steps, converged, "Dense")
+        solution = torch.linalg.lu_solve(
+            state.lu, state.pivots, rhs[:, None], adjoint=state.adjoint
+        )[:, 0]
+        solution = torch.where(state.singular, 0.0, solution)
+        matrix = state.matrix.mT if state.adjoint else state.matrix
+        residual = rhs - matrix @ solution
+        steps = torch.tensor(rhs.numel(), dtype=torch.int64, device=rhs.device)
+        return unravel(solution), unravel(residual), Outcome.SINGULAR, steps

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from implicitfn._linear_solve._base import check_positive_int
+from implicitfn._linear_solve._base import AbstractLinearSolver, check_positive_int
 from implicitfn._operator import AbstractLinearOperator
 from implicitfn._tree import Tree, leaves, tree_ravel
 
@@ -47,13 +47,20 @@ def check_step_size(alpha: Any, power_steps: Any) -> None:
 
 
 def random_matrix(
-    kind: Probes, size: int, count: int, seed: int, like: torch.Tensor
+    kind: Probes, size: int, count: int, seed: int, dtype: torch.dtype, device: torch.device
 ) -> torch.Tensor:
-    """A `(size, count)` matrix of probes with the dtype and device of `like`.
+    """A `(size, count)` matrix of probes with the given dtype and device.
 
     `"gaussian"`: standard normal entries; `"rademacher"`: entries $\\pm 1$; `"columns"`: `count`
     distinct columns of the identity, chosen uniformly (needs `count <= size`).
     """
+    # A copy: torch.compile cannot feed its constant itself to torch.func.vmap.
+    return _seeded_values(kind, size, count, seed).to(dtype=dtype, device=device, copy=True)
+
+
+# A constant for torch.compile, evaluated while tracing: NumPy does not break the graph.
+@torch.compiler.assume_constant_result
+def _seeded_values(kind: Probes, size: int, count: int, seed: int) -> torch.Tensor:
     rng = np.random.default_rng(seed)
     if kind == "gaussian":
         values = rng.standard_normal((size, count))
@@ -62,7 +69,7 @@ def random_matrix(
     else:
         values = np.zeros((size, count))
         values[rng.choice(size, size=count, replace=False), np.arange(count)] = 1.0
-    return torch.as_tensor(values, dtype=like.dtype, device=like.device)
+    return torch.from_numpy(values)
 
 
 def flat_matvec(
@@ -98,7 +105,7 @@ def hutchinson_diagonal(operator: AbstractLinearOperator, probes: int, seed: int
     Costs `probes` products in one vmapped call.
     """
     matvec, flat, _ = flat_matvec(operator)
-    z = random_matrix("rademacher", flat.numel(), probes, seed, flat)
+    z = random_matrix("rademacher", flat.numel(), probes, seed, flat.dtype, flat.device)
     return (z * apply_to_columns(matvec, z)).mean(dim=1)
 
 
@@ -111,7 +118,8 @@ def max_eigenvalue(operator: AbstractLinearOperator, steps: int) -> torch.Tensor
     Detached, because it only chooses a step size.
     """
     matvec, flat, _ = flat_matvec(operator)
-    vector = random_matrix("gaussian", flat.numel(), 1, _POWER_ITERATION_SEED, flat)[:, 0]
+    size, dtype, device = flat.numel(), flat.dtype, flat.device
+    vector = random_matrix("gaussian", size, 1, _POWER_ITERATION_SEED, dtype, device)[:, 0]
     vector = vector / torch.linalg.vector_norm(vector)
     tiny = torch.finfo(flat.dtype).tiny
     estimate = torch.zeros((), dtype=flat.dtype, device=flat.device)
@@ -138,3 +146,22 @@ def step_size(
         return float(alpha), 0
     estimate = max_eigenvalue(operator, power_steps)
     return 1.0 / torch.clamp(estimate, min=torch.finfo(estimate.dtype).tiny), power_steps
+
+
+class AbstractStepSizeSolver(AbstractLinearSolver):
+    """A solver with a step `alpha` (a float or `"auto"`) and `power_steps` fields.
+
+    `init` resolves the step once per operator; the solve with $A^\top$ keeps it, since
+    $A^\top$ has the eigenvalues of $A$. The state is `(operator, alpha, products)`.
+    """
+
+    alpha: StepSize
+    power_steps: int
+
+    def init(
+        self, operator: AbstractLinearOperator
+    ) -> tuple[AbstractLinearOperator, torch.Tensor | float, int]:
+        return (operator, *step_size(self.alpha, operator, self.power_steps))
+
+    def transpose(self, state, operator):
+        return (operator.transpose(), *state[1:])

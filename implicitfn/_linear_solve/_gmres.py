@@ -7,13 +7,16 @@ import torch
 from implicitfn._linear_solve._base import (
     AbstractLinearSolver,
     check_positive_int,
-    check_tolerance,
+    check_tolerances,
+    initial_residual,
     iterate,
+    runs_its_budget,
     safe_divisor,
-    tolerance,
+    step_count,
+    stopping_rule,
 )
 from implicitfn._linear_solve._estimates import flat_matvec
-from implicitfn._solution import SolveInfo
+from implicitfn._solution import Outcome
 from implicitfn._tree import tree_ravel
 
 
@@ -31,8 +34,9 @@ class GMRES(AbstractLinearSolver):
     [`FixedPoint`][implicitfn.FixedPoint] is slow or diverges (it converges for every
     invertible $A$ when `restart` is at least the dimension, and for the usual $I - J$ with
     $J$ a contraction long before). It stores `restart + 1` vectors, and on strongly
-    non-normal or indefinite problems a short restart can stall: that is reported as
-    `converged=False`.
+    non-normal or indefinite problems a short restart can stall: a cycle that leaves the
+    residual where it was would repeat itself, so it stops there and reports
+    `Outcome.BREAKDOWN` (as it does for a singular Hessenberg matrix).
 
     The parameters are handled as one raveled vector, so all leaves must share a dtype.
 
@@ -40,46 +44,42 @@ class GMRES(AbstractLinearSolver):
 
     - `max_steps`: the most operator products in all cycles together.
     - `restart`: $m$, the products per cycle (the size of the basis).
-    - `rtol`, `atol`: stop when
-      $\lVert b - Ax\rVert \le \max(\mathrm{atol}, \mathrm{rtol}\lVert b\rVert)$, measured by
-      the recursive residual of the method. `rtol=None` runs exactly `max_steps` and counts as
-      converged unless it broke down or produced NaN/Inf.
+    - `rtol`, `atol`: stop when the recursive residual of the method meets
+      $\max(\mathrm{atol}, \mathrm{rtol}\lVert b\rVert)$; the solve is then judged by the
+      measured residual (one more product). `rtol=0, atol=0` runs exactly `max_steps`.
 
     ```python
     >>> import torch, implicitfn
     >>> M = torch.tensor([[1.0, 2.0, 0.0], [-2.0, 1.0, 1.0], [0.0, 0.0, 3.0]])  # not symmetric
     >>> op = implicitfn.FunctionLinearOperator(lambda v: M @ v, torch.zeros(3),
     ...                                       transpose_matvec=lambda u: M.T @ u)
-    >>> bool(implicitfn.FixedPoint().solve(op, torch.ones(3))[1].converged)
-    False
+    >>> implicitfn.FixedPoint().solve(op, torch.ones(3))[1].outcome_names()
+    ['diverged']
     >>> x, info = implicitfn.GMRES().solve(op, torch.ones(3))
-    >>> torch.allclose(M @ x, torch.ones(3), atol=1e-5), bool(info.converged), int(info.num_steps)
-    (True, True, 3)
+    >>> torch.allclose(M @ x, torch.ones(3), atol=1e-5), info.outcome_names(), int(info.num_steps)
+    (True, ['successful'], 3)
     ```
     """
 
     max_steps: int = 100
     restart: int = 20
-    rtol: float | None = 1e-5
+    rtol: float = 1e-5
     atol: float = 0.0
+    fixed_steps = property(runs_its_budget)
 
     def __post_init__(self) -> None:
         check_positive_int(self.max_steps, "max_steps")
         check_positive_int(self.restart, "restart")
-        check_tolerance(self.rtol, "rtol", allow_none=True)
-        check_tolerance(self.atol, "atol")
+        check_tolerances(self)
 
-    def _solve(self, operator, vector, initial):
+    def compute(self, state, vector, initial):
+        operator = state
         matvec, _, unravel = flat_matvec(operator)
-        b = tree_ravel(vector)[0]
+        x, r, products = initial_residual(operator, vector, initial)
+        x, r, b = (tree_ravel(tree)[0] for tree in (x, r, vector))
         m = self.restart
-        if initial is None:
-            x, r = torch.zeros_like(b), b
-        else:
-            x = tree_ravel(initial)[0]
-            r = b - matvec(x)
-        rhs_norm = torch.linalg.vector_norm(b)
-        tol = tolerance(rhs_norm, self.rtol, self.atol)
+        # A cycle that reduces the residual by less than rounding would only repeat itself.
+        no_progress = 1 - 100 * torch.finfo(b.dtype).eps
         rows = torch.arange(m + 1, device=b.device)
 
         def unit(index: torch.Tensor) -> torch.Tensor:
@@ -141,6 +141,7 @@ class GMRES(AbstractLinearSolver):
                 [torch.where(at_j, c, rotations[0]), torch.where(at_j, s, rotations[1])]
             )
             g_j = e_j @ g
+            left = g_j != 0  # a residual to reduce: else a zero column is no breakdown
             g = g + e_j * (c * g_j - g_j) - e_next * (s * g_j)
             cycle = (x, basis, hessenberg, triangular, rotations, g, j + 1, beta)
             # At the end of a cycle: move to its minimiser and restart from the residual there,
@@ -148,29 +149,26 @@ class GMRES(AbstractLinearSolver):
             x_new, y = cycle_solution(cycle)
             residual = (beta * unit(torch.zeros_like(j)) - hessenberg @ y) @ basis
             restarted = start_cycle(x_new, residual)
+            cycle_ends = j + 1 == m
             cycle = tuple(
-                torch.where(j + 1 == m, fresh, going)
+                torch.where(cycle_ends, fresh, going)
                 for fresh, going in zip(restarted, cycle, strict=True)
             )
-            return (*cycle, steps + 1, broke | (radius == 0))
+            stalled = cycle_ends & (restarted[-1] >= no_progress * beta)
+            return (*cycle, steps + 1, broke | (left & ((radius == 0) | stalled)))
 
-        def residual_norm(state) -> torch.Tensor:
-            g, j = state[5], state[6]
-            return (unit(j) @ g).abs()
+        stop = stopping_rule(self, vector)
 
         def done(state):
-            residual = residual_norm(state)
-            return state[-1] | (residual <= tol) | ~torch.isfinite(residual)
+            g, j = state[5], state[6]
+            return state[-1] | stop((unit(j) @ g).abs())
 
         state = (
             *start_cycle(x, r),
-            torch.zeros((), dtype=torch.int64, device=b.device),
+            step_count(products, vector),
             torch.zeros((), dtype=torch.bool, device=b.device),
         )
-        state = iterate(step, done, state, self.max_steps)
+        state = iterate(step, None if stop is None else done, state, self.max_steps)
         x, _ = cycle_solution(state[:-2])
         steps, broke = state[-2:]
-        residual = residual_norm(state)
-        healthy = ~broke & torch.isfinite(residual)
-        converged = healthy if self.rtol is None else healthy & (residual <= tol)
-        return unravel(x), SolveInfo(residual, rhs_norm, steps, converged, "GMRES")
+        return unravel(x), None, torch.where(broke, Outcome.BREAKDOWN, Outcome.SUCCESSFUL), steps

@@ -7,13 +7,16 @@ import torch
 from implicitfn._linear_solve._base import (
     AbstractLinearSolver,
     check_positive_int,
-    check_tolerance,
+    check_tolerances,
+    initial_residual,
     iterate,
+    runs_its_budget,
     safe_divisor,
-    tolerance,
+    step_count,
+    stopping_rule,
 )
-from implicitfn._solution import SolveInfo
-from implicitfn._tree import tree_axpy, tree_norm, tree_scale, tree_sub, tree_vdot, tree_zeros_like
+from implicitfn._solution import Outcome
+from implicitfn._tree import tree_axpy, tree_norm, tree_scale, tree_vdot, tree_zeros_like
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,52 +30,47 @@ class MINRES(AbstractLinearSolver):
     exact Hessian of a non-convex loss (a saddle or an inexact minimum), where CG meets negative
     curvature and stops. The residual norm never increases from one step to the next. On a
     singular, inconsistent system it returns the least-squares direction it reached and reports
-    `converged=False`.
+    `Outcome.SINGULAR` (the recurrence met a zero pivot with a residual left).
 
     **Arguments:**
 
     - `max_steps`: the most iterations (one operator product each).
-    - `rtol`, `atol`: stop when
-      $\lVert b - Ax\rVert \le \max(\mathrm{atol}, \mathrm{rtol}\lVert b\rVert)$, measured by
-      the recursive residual of the method. `rtol=None` runs exactly `max_steps` and counts as
-      converged unless it broke down or produced NaN/Inf.
+    - `rtol`, `atol`: stop when the recursive residual of the method meets
+      $\max(\mathrm{atol}, \mathrm{rtol}\lVert b\rVert)$; the solve is then judged by the
+      measured residual (one more product). `rtol=0, atol=0` runs exactly `max_steps`.
 
     ```python
     >>> import torch, implicitfn
     >>> M = torch.diag(torch.tensor([2.0, -1.0, 3.0]))        # symmetric, indefinite
     >>> op = implicitfn.FunctionLinearOperator(lambda v: M @ v, torch.zeros(3), tags={"symmetric"})
-    >>> bool(implicitfn.CG().solve(op, torch.ones(3))[1].converged)
-    False
+    >>> implicitfn.CG().solve(op, torch.ones(3))[1].outcome_names()
+    ['negative_curvature']
     >>> x, info = implicitfn.MINRES().solve(op, torch.ones(3))
-    >>> x, bool(info.converged), int(info.num_steps)
-    (tensor([ 0.5000, -1.0000,  0.3333]), True, 3)
+    >>> x, info.outcome_names(), int(info.num_steps)
+    (tensor([ 0.5000, -1.0000,  0.3333]), ['successful'], 3)
     ```
     """
 
     max_steps: int = 100
-    rtol: float | None = 1e-5
+    rtol: float = 1e-5
     atol: float = 0.0
-    requires_symmetric = True
+    needs_symmetric = True
+    fixed_steps = property(runs_its_budget)
 
     def __post_init__(self) -> None:
         check_positive_int(self.max_steps, "max_steps")
-        check_tolerance(self.rtol, "rtol", allow_none=True)
-        check_tolerance(self.atol, "atol")
+        check_tolerances(self)
 
-    def _solve(self, operator, vector, initial):
-        if initial is None:
-            x, r = tree_zeros_like(vector), vector
-        else:
-            x, r = initial, tree_sub(vector, operator.mv(initial))
-        rhs_norm = tree_norm(vector)
-        tol = tolerance(rhs_norm, self.rtol, self.atol)
+    def compute(self, state, vector, initial):
+        operator = state
+        x, r, products = initial_residual(operator, vector, initial)
         beta_1 = tree_norm(r)
         one, zero = torch.ones_like(beta_1), torch.zeros_like(beta_1)
         zeros = tree_zeros_like(vector)
         # Lanczos: (previous vector, current vector, off-diagonal beta_k coupling them; 0 at
         # the start). QR of the tridiagonal matrix: the last two Givens rotations (c, s) and the
         # last two update directions w. eta: the rotated right-hand side, |eta| the residual.
-        state = (
+        start = (
             x,
             zeros,
             tree_scale(1.0 / safe_divisor(beta_1), r),
@@ -82,12 +80,12 @@ class MINRES(AbstractLinearSolver):
             (one, zero),
             (one, zero),
             beta_1,
-            torch.zeros((), dtype=torch.int64, device=beta_1.device),
+            step_count(products, vector),
             torch.zeros_like(beta_1, dtype=torch.bool),
         )
 
         def step(state):
-            x, v_prev, v, beta, w_prev, w_prev2, rot_prev, rot_prev2, eta, steps, broke = state
+            x, v_prev, v, beta, w_prev, w_prev2, rot_prev, rot_prev2, eta, steps, singular = state
             av = operator.mv(v)
             alpha = tree_vdot(v, av)
             p = tree_axpy(-beta, v_prev, tree_axpy(-alpha, v, av))
@@ -101,12 +99,14 @@ class MINRES(AbstractLinearSolver):
             gamma_bar = -s_prev * delta_bar + c_prev * alpha
             # A new rotation annihilates beta_next.
             gamma = torch.hypot(gamma_bar, beta_next)
-            singular = gamma == 0
-            c = torch.where(singular, one, gamma_bar / safe_divisor(gamma))
-            s = torch.where(singular, zero, beta_next / safe_divisor(gamma))
+            pivotless = gamma == 0
+            c = torch.where(pivotless, one, gamma_bar / safe_divisor(gamma))
+            s = torch.where(pivotless, zero, beta_next / safe_divisor(gamma))
             direction = tree_axpy(-delta, w_prev, tree_axpy(-epsilon, w_prev2, v))
             w = tree_scale(1.0 / safe_divisor(gamma), direction)
-            x = tree_axpy(torch.where(singular, zero, c * eta), w, x)
+            x = tree_axpy(torch.where(pivotless, zero, c * eta), w, x)
+            # A zero pivot once the residual is 0 (a fixed budget running on) is no singularity.
+            singular = singular | (pivotless & (eta != 0))
             return (
                 x,
                 v,
@@ -118,15 +118,10 @@ class MINRES(AbstractLinearSolver):
                 rot_prev,
                 -s * eta,
                 steps + 1,
-                broke | singular,
+                singular,
             )
 
-        def done(state):
-            eta, broke = state[8], state[10]
-            return broke | (eta.abs() <= tol) | ~torch.isfinite(eta)
-
-        x, *_, eta, steps, broke = iterate(step, done, state, self.max_steps)
-        residual = eta.abs()
-        healthy = ~broke & torch.isfinite(residual)
-        converged = healthy if self.rtol is None else healthy & (residual <= tol)
-        return x, SolveInfo(residual, rhs_norm, steps, converged, "MINRES")
+        stop = stopping_rule(self, vector)
+        done = None if stop is None else (lambda state: stop(state[8].abs()) | state[10])
+        x, *_, steps, singular = iterate(step, done, start, self.max_steps)
+        return x, None, torch.where(singular, Outcome.SINGULAR, Outcome.SUCCESSFUL), steps

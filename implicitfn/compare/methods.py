@@ -3,7 +3,7 @@
 Solvers are found, not listed: every concrete
 [`AbstractLinearSolver`][implicitfn.AbstractLinearSolver] in `implicitfn.__all__` takes part.
 Each runs with its own defaults except for the fields the sweep sets by name (`SweptFields`):
-the budget (`max_steps`, `steps` or `rank`), the tolerance `rtol`, the step `alpha` and the
+the budget (`max_steps` or `rank`), the tolerance `rtol`, the step `alpha` and the
 minibatches `batches`. A solver whose fields follow these conventions needs no change here; one
 whose budget has another name needs one entry in `BUDGET_FIELDS`, and a configuration worth
 comparing besides the defaults is one entry in `VARIANTS`.
@@ -22,7 +22,7 @@ __all__ = ["method_names"]
 UNROLLED = "Unrolled"
 CURVATURES = {"Hessian": implicitfn.Hessian(), "GaussNewton": implicitfn.GaussNewton()}
 # The field that sets how many operator products a solver may spend, in order of preference.
-BUDGET_FIELDS = ("max_steps", "steps", "rank")
+BUDGET_FIELDS = ("max_steps", "rank")
 # Configurations worth comparing besides each solver's defaults: name -> (class, fixed fields).
 VARIANTS: dict[str, tuple[type, dict[str, Any]]] = {
     "CG-jacobi": (implicitfn.CG, {"preconditioner": "jacobi"}),
@@ -94,7 +94,7 @@ def configure(
     if budget is not None:
         values[budget] = steps
         if "rtol" in names:  # a direct solver's rtol is a check of its own, left alone
-            values["rtol"] = swept.rtol
+            values["rtol"] = swept.rtol  # every row is judged against the same tolerance
     if "alpha" in names:
         values["alpha"] = swept.alpha
     if "batches" in names:

@@ -19,7 +19,8 @@ _COLUMNS = (
     "cosine",
     "rel. error",
     "rel. residual",
-    "converged",
+    "tolerance",
+    "outcome",
     "time [grad evals]",
     "peak memory [MiB]",
     "note",
@@ -44,7 +45,7 @@ def format_table(comparison: Comparison) -> str:
     >>> config = CompareConfig(steps=(1,), solvers=("Dense",), curvatures=("Hessian",),
     ...                        repeats=1, memory=False, progress=False)
     >>> print(format_table(run(problem, config)).splitlines()[-1])  # doctest: +ELLIPSIS
-    | Dense | Hessian | — | 3 | 1.000000 | ... | ... | yes | ... | — |  |
+    | Dense | Hessian | — | 3 | 1.000000 | ... | ... | 1e-05 | successful | ... | — |  |
     ```
     """
     problem, reference, environment = (
@@ -94,9 +95,8 @@ def _cells(record: Record) -> list[str]:
         return "—" if value is None or not math.isfinite(value) else format(value, spec)
 
     memory = None if record.peak_memory_bytes is None else record.peak_memory_bytes / 2**20
-    converged = {None: "—", True: "yes", False: "no"}[record.converged]
     note = "" if record.status == "ok" else record.status
-    if record.message and record.status in ("skipped", "error", "diverged"):
+    if record.message and record.status in ("skipped", "error", "nonfinite"):
         note = f"{record.status}: {record.message}"
     return [
         record.method,
@@ -106,7 +106,8 @@ def _cells(record: Record) -> list[str]:
         number(record.cosine, ".6f"),
         number(record.relative_error, ".2e"),
         number(record.relative_residual, ".1e"),
-        converged,
+        number(record.relative_tolerance, ".0e"),
+        record.outcome or "—",
         number(record.time_grad_evals, ".1f"),
         number(memory, ".2f"),
         note.replace("|", "/"),

@@ -53,13 +53,14 @@ class CompareConfig:
 
     **Arguments:**
 
-    - `steps`: the budgets $k$ to sweep: the `max_steps`, `steps` or `rank` of each solver, and
+    - `steps`: the budgets $k$ to sweep: the `max_steps` or `rank` of each solver, and
       the number of unrolled steps. Solvers without a budget (`Dense`, `Identity`) run once.
     - `solvers`: names from [`method_names`][implicitfn.compare.method_names] (case does not
       matter); `None` for all of them.
     - `curvatures`: `"Hessian"` and/or `"GaussNewton"`.
-    - `rtol`: the tolerance of every solver that stops on its own (CG, MINRES, GMRES,
-      FixedPoint): `converged` then means it met `rtol` within $k$ products.
+    - `rtol`: the tolerance given to every solver with a budget (CG, MINRES, GMRES,
+      FixedPoint, Neumann, Nyström, ...): each row's `outcome` then says whether its true
+      residual met `rtol` within $k$ products; `0` asks every solver for exactly $k$ products.
     - `alpha`: the step of the series solvers (Neumann, FixedPoint, StochasticNeumann) and the
       learning rate of unrolling: `"auto"` lets each solver estimate $1/\\lambda_{\\max}$ itself
       (the products counted) and unrolls with $1/\\lambda_{\\max}$ of the reference Hessian; a
@@ -142,12 +143,15 @@ class Record:
 
     - `method`, `curvature`, `steps`: what ran; `steps` is the budget $k$ (`None`: no budget).
     - `solver`: the configured solver (its `repr`), or the unrolled call.
-    - `status`: `"ok"`, `"not converged"` (the solver's own flag), `"diverged"` (NaN/Inf),
+    - `status`: `"ok"` (the solve was successful, or ran the fixed budget it was asked for),
+      `"failed"` (the solve's outcome is a failure: see `outcome`), `"nonfinite"` (NaN/Inf),
       `"skipped"` or `"error"` (an exception; `message` has it).
     - `cosine`, `relative_error`: $\\cos(g, g^*)$ and $\\lVert g - g^*\\rVert / \\lVert g^*\\rVert$
       against the reference $g^*$.
-    - `relative_residual`, `converged`, `num_steps`: from the solver's
-      [`SolveInfo`][implicitfn.SolveInfo] (`num_steps`: operator products it reports).
+    - `outcome`, `relative_residual`, `relative_tolerance`, `num_steps`: from the solver's
+      [`SolveInfo`][implicitfn.SolveInfo]: the [`Outcome`][implicitfn.Outcome] name, the
+      measured true residual and the tolerance it was judged against, both relative to
+      $\\lVert b\\rVert$, and the operator products it reports.
     - `time_s`, `time_grad_evals`: the fastest of `repeats` runs of the whole hypergradient
       call, in seconds and in units of one training-loss gradient (the fastest of those timed
       between the method's runs, so that the load of a shared machine weighs on both alike).
@@ -167,8 +171,9 @@ class Record:
     status: str
     cosine: float | None = None
     relative_error: float | None = None
+    outcome: str | None = None
     relative_residual: float | None = None
-    converged: bool | None = None
+    relative_tolerance: float | None = None
     num_steps: int | None = None
     time_s: float | None = None
     time_grad_evals: float | None = None
@@ -465,9 +470,11 @@ def _measure(
                 problem.hparams,
                 inner_args=problem.inner_args,
                 outer_args=problem.outer_args,
-                solver=method.solver,
-                curvature=CURVATURES[method.curvature],
-                on_failure="warn",
+                adjoint=implicitfn.ImplicitAdjoint(
+                    solver=method.solver,
+                    curvature=CURVATURES[method.curvature],
+                    on_failure="warn",
+                ),
             )
 
     try:
@@ -481,18 +488,17 @@ def _measure(
         peak_memory = _peak_memory(compute, device) if config.memory else None
     except (implicitfn.ImplicitSolveError, FloatingPointError) as failure:  # NaN/Inf: data
         report = _solve_report(getattr(failure, "info", None))
-        return Record(**base, status="diverged", **report, message=str(failure).split(". ")[0])
+        return Record(**base, status="nonfinite", **report, message=str(failure).split(". ")[0])
     except Exception as error:  # one failing method must not end the comparison
         return Record(**base, status="error", message=f"{type(error).__name__}: {error}")
     estimate = implicitfn.tree_ravel(result)[0]
     error = torch.linalg.vector_norm(estimate - reference) / torch.linalg.vector_norm(reference)
     cosine = torch.nn.functional.cosine_similarity(estimate, reference, dim=0)
     report = _solve_report(info)
-    finite = bool(torch.isfinite(estimate).all())
-    if not finite:
-        status = "diverged"
-    elif report.get("converged") is False:
-        status = "not converged"
+    if not bool(torch.isfinite(estimate).all()):
+        status = "nonfinite"
+    elif info is not None and bool(info.failed):
+        status = "failed"
     else:
         status = "ok"
     return Record(
@@ -510,9 +516,11 @@ def _measure(
 def _solve_report(info: implicitfn.SolveInfo | None) -> dict[str, Any]:
     if info is None:
         return {}
+    rhs_norm = float(info.rhs_norm)
     return {
+        "outcome": info.outcome_names()[0],
         "relative_residual": float(info.relative_residual),
-        "converged": bool(info.converged),
+        "relative_tolerance": float(info.tolerance) / rhs_norm if rhs_norm > 0 else 0.0,
         "num_steps": int(info.num_steps),
     }
 

@@ -17,7 +17,8 @@ class History:
     [`HyperOptimizer`][implicitfn.hyperopt.HyperOptimizer], `inner_gradient_norm`
     ($\lVert\nabla_w L_T\rVert$: how far the inner problem is from stationarity, the implicit
     function theorem's premise), `hypergradient_norm`, and the backward solve's
-    `relative_residual`, `converged` and `solve_steps` (see [`SolveInfo`][implicitfn.SolveInfo]).
+    `relative_residual`, `outcome` (its name), `solve_failed` and `solve_steps` (see
+    [`SolveInfo`][implicitfn.SolveInfo]; absent with an unrolled adjoint).
     Records hold plain Python numbers, so a history is saved with the run.
 
     ```python
@@ -59,9 +60,9 @@ class History:
         >>> from implicitfn import hyperopt
         >>> history = hyperopt.History([
         ...     {"step": 1, "train_loss": 1.0, "val_loss": 2.0, "hypergradient_norm": 1.0,
-        ...      "relative_residual": 1e-6, "converged": True},
+        ...      "relative_residual": 1e-6, "solve_failed": False},
         ...     {"step": 2, "train_loss": 0.5, "val_loss": 1.5, "hypergradient_norm": 0.5,
-        ...      "relative_residual": 1e-5, "converged": True}])
+        ...      "relative_residual": 1e-5, "solve_failed": False}])
         >>> len(history.plot().axes)
         3
         ```
@@ -84,15 +85,15 @@ class History:
             for column in columns:
                 if column in keys:
                     axis.plot(steps, self[column], label=column)
-            if title.startswith("backward") and "converged" in keys:
+            if title.startswith("backward") and "solve_failed" in keys:
                 failed = [
                     (s, r)
-                    for s, r, ok in zip(steps, self[columns[0]], self["converged"], strict=True)
-                    if not ok
+                    for s, r, bad in zip(steps, self[columns[0]], self["solve_failed"], strict=True)
+                    if bad
                 ]
                 if failed:
                     axis.scatter(
-                        *zip(*failed, strict=True), color="red", zorder=3, label="not converged"
+                        *zip(*failed, strict=True), color="red", zorder=3, label="solve failed"
                     )
             values = [v for c in columns if c in keys for v in self[c]]
             if log_scale and all(v > 0 and math.isfinite(v) for v in values):

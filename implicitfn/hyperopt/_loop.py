@@ -11,7 +11,7 @@ import dataclasses
 import os
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
@@ -232,10 +232,12 @@ class HyperOptimizer:
       tensors (`functools.partial(torch.optim.Adam, lr=1e-2)`); the loop builds it on its own
       copies of the parameters / hyperparameters.
     - `inner_steps`: $T$, inner optimiser steps per hyper step.
-    - `solver`, `curvature`, `damping`, `on_failure`: the backward solve, as in
-      [`implicit_diff`][implicitfn.implicit_diff]. By default a solve that does not converge raises
-      [`ImplicitSolveError`][implicitfn.ImplicitSolveError]; with `"warn"` the step goes on and
-      the history records `converged=False`.
+    - `adjoint`: how each hypergradient is computed, an
+      [`ImplicitAdjoint`][implicitfn.ImplicitAdjoint] (default: CG on the exact Hessian) or an
+      [`UnrolledAdjoint`][implicitfn.UnrolledAdjoint]; checked here, before any computing. By
+      default a failed solve raises [`ImplicitSolveError`][implicitfn.ImplicitSolveError]; with
+      `ImplicitAdjoint(on_failure="warn")` the step goes on and the history records the outcome.
+      The adjoint keeps its warm start and compiled graphs across the run's hyper steps.
     - `train_metrics`, `val_metrics`: `{name: fn(params, hparams, *batch) -> scalar}`
       evaluated on each hyper step's training / validation batch (so with the signature of
       `train_loss` / `val_loss`) and recorded as `train_<name>` / `val_<name>`; the two can
@@ -252,13 +254,14 @@ class HyperOptimizer:
     ...     val_loss=lambda w, h, x, y: ((x @ w - y) ** 2).mean(),
     ...     inner_optimizer=functools.partial(torch.optim.SGD, lr=0.1),
     ...     outer_optimizer=functools.partial(torch.optim.Adam, lr=0.1),
-    ...     inner_steps=20, solver=implicitfn.CG(max_steps=10))
+    ...     inner_steps=20,
+    ...     adjoint=implicitfn.ImplicitAdjoint(solver=implicitfn.CG(max_steps=10)))
     >>> w0 = torch.zeros(5)
     >>> state = loop.init(w0, decay.init(w0), hyperopt.Minibatches(x[:20], y[:20]),
     ...                   hyperopt.Minibatches(x[20:], y[20:]))
     >>> history = loop.run(state, outer_steps=5, progress=False)
-    >>> len(history), state.step, history.records[-1]["converged"]
-    (5, 5, True)
+    >>> len(history), state.step, history.records[-1]["outcome"]
+    (5, 5, 'successful')
     ```
     """
 
@@ -267,10 +270,9 @@ class HyperOptimizer:
     inner_optimizer: OptimizerSpec
     outer_optimizer: OptimizerSpec
     inner_steps: int = 10
-    solver: implicitfn.AbstractLinearSolver = implicitfn.CG()
-    curvature: implicitfn.AbstractCurvature = implicitfn.Hessian()
-    damping: float = 0.0
-    on_failure: Literal["raise", "warn"] = "raise"
+    adjoint: implicitfn.AbstractAdjoint = dataclasses.field(
+        default_factory=implicitfn.ImplicitAdjoint
+    )
     train_metrics: Mapping[str, Callable[..., torch.Tensor]] = dataclasses.field(
         default_factory=dict
     )
@@ -301,14 +303,12 @@ class HyperOptimizer:
                 raise ValueError(
                     f"{name}: 'loss' is recorded already (train_loss, val_loss); rename it."
                 )
-        # The backward solve's configuration is checked by the decorator it configures.
-        implicitfn.implicit_diff(
-            implicitfn.stationarity(self.train_loss),
-            solver=self.solver,
-            curvature=self.curvature,
-            damping=self.damping,
-            on_failure=self.on_failure,
-        )
+        if not isinstance(self.adjoint, implicitfn.AbstractAdjoint):
+            raise TypeError(
+                f"adjoint: expected implicitfn.ImplicitAdjoint(...) or implicitfn.UnrolledAdjoint"
+                f"(...), got {type(self.adjoint).__name__}."
+            )
+        self.adjoint.check(implicitfn.stationarity(self.train_loss))
 
     def init(
         self,
@@ -379,10 +379,7 @@ class HyperOptimizer:
             hparams,
             inner_args=train_batch,
             outer_args=val_batch,
-            solver=self.solver,
-            curvature=self.curvature,
-            damping=self.damping,
-            on_failure=self.on_failure,
+            adjoint=self.adjoint,
         )
         record = self._record(
             state.step + 1, params, hparams, train_batch, val_batch, hypergradient, info
@@ -433,7 +430,7 @@ class HyperOptimizer:
                     bar.update(1)
                     bar.set_postfix(
                         {k: f"{v:.3g}" for k, v in record.items() if k.startswith("val_")}
-                        | {"converged": "yes" if record["converged"] else "NO"}
+                        | {"solve": record.get("outcome", "-")}
                     )
                 # Every callback runs, even when an earlier one asks to stop.
                 stop = [callback(state, record) is True for callback in callbacks]
@@ -498,9 +495,11 @@ class HyperOptimizer:
         inner_gradient = grad(self.train_loss)(params, hparams, *train_batch)
         record["inner_gradient_norm"] = _float(implicitfn.tree_norm(inner_gradient))
         record["hypergradient_norm"] = _float(implicitfn.tree_norm(hypergradient))
-        record["relative_residual"] = _float(info.relative_residual)
-        record["converged"] = bool(info.converged)
-        record["solve_steps"] = int(info.num_steps)
+        if info is not None:  # an unrolled adjoint solves nothing
+            record["relative_residual"] = _float(info.relative_residual)
+            record["outcome"] = info.outcome_names()[0]
+            record["solve_failed"] = bool(info.failed)
+            record["solve_steps"] = int(info.num_steps)
         return record
 
 

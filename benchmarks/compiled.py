@@ -43,7 +43,7 @@ ARGS.add_argument(
     "--modes",
     type=lambda text: text.split(","),
     default=None,
-    help="compile modes, comma-separated, each optionally ':scope' (e.g. default:product); "
+    help="compile modes, comma-separated (e.g. default,reduce-overhead); "
     "default: default,reduce-overhead (--fast: default)",
 )
 
@@ -196,11 +196,13 @@ def build_cases(args: argparse.Namespace) -> list[Case]:
 
 def torch_hypergradient(case: Case, compile: Any) -> Callable[[], torch.Tensor]:
     p, solver = case.problem, implicitfn.CG(max_steps=case.steps, rtol=0)
+    # One adjoint for all calls: it owns the compiled graphs, as in an outer loop.
+    adjoint = implicitfn.ImplicitAdjoint(solver=solver, compile=compile, on_failure="warn")
 
     def run() -> torch.Tensor:
         grads, info = implicitfn.hypergradient(
             p.train_loss, p.outer_loss, p.params, p.hparams, inner_args=p.inner_args,
-            outer_args=p.outer_args, adjoint=implicitfn.ImplicitAdjoint(solver=solver, compile=compile, on_failure="warn"),
+            outer_args=p.outer_args, adjoint=adjoint,
         )  # fmt: skip
         return ravel(grads)
 
@@ -286,10 +288,8 @@ def difference(value: torch.Tensor, reference: torch.Tensor) -> float:
 def measure(case: Case, args: argparse.Namespace) -> list[dict[str, Any]]:
     """One row per compile mode; eager and jaxopt are timed in the same interleaved rounds."""
     contenders = {"eager": torch_hypergradient(case, False)}
-    for label in args.modes:  # "mode" or "mode:scope", e.g. "default:product"
-        mode, _, scope = label.partition(":")
-        options = implicitfn.Compile(mode=mode, scope=scope or "auto")
-        contenders[label] = torch_hypergradient(case, options)
+    for mode in args.modes:
+        contenders[mode] = torch_hypergradient(case, implicitfn.Compile(mode=mode))
     if jax is not None:
         contenders["jax"] = jax_hypergradient(case)
     firsts, values = {}, {}

@@ -109,6 +109,27 @@ class AbstractAdjoint(abc.ABC):
         r"""The tangent $\dot w$ of the solution, given tangents for the leaves of
         `(hparams, tuple(args))` (None where there is none)."""
 
+    def reverse_from(
+        self,
+        condition: AbstractOptimalityCondition,
+        solution: Tree,
+        hparams: Tree,
+        args: Sequence[Any],
+        cotangent_of: Callable[[Tree, Tree, Any], tuple[Tree, Any]],
+        extra: Any,
+        selected: Sequence[bool],
+    ) -> tuple[Any, list[Any], SolveInfo | None]:
+        """`(carried, products, info)`: the reverse pass for the cotangent that
+        `cotangent_of(solution, hparams, extra) -> (cotangent, carried)` computes.
+
+        [`hypergradient`][implicitfn.hypergradient] passes the outer gradient here, so that an
+        adjoint may fuse it with its reverse pass (the implicit adjoint compiles both into one
+        graph). By default: compute the cotangent, then `reverse`.
+        """
+        cotangent, carried = cotangent_of(solution, hparams, extra)
+        products, info = self.reverse(condition, solution, hparams, args, cotangent, selected)
+        return carried, products, info
+
     def prepare(self) -> None:
         """Called before each inner solve: raise when something outside (a process group) is
         not ready. Nothing by default."""
@@ -252,26 +273,32 @@ class ImplicitAdjoint(AbstractAdjoint):
             self._state.reduction.check()
 
     def reverse(self, condition, solution, hparams, args, cotangent, selected):
+        _, products, info = self.reverse_from(
+            condition, solution, hparams, args, given_cotangent, cotangent, selected
+        )
+        return products, info
+
+    def reverse_from(self, condition, solution, hparams, args, cotangent_of, extra, selected):
         state = self._state
-        initial = state.initial("reverse")
-        trees = (solution, hparams, tuple(args), cotangent, initial)
+        trees = (solution, hparams, tuple(args), extra, state.initial("reverse"))
+        fused = functools.partial(fused_reverse, self, condition, cotangent_of, selected=selected)
         result = _compile.NOT_COMPILED
         if state.compiled is not None:
             result = state.compiled.call(
-                ("reverse", condition, tuple(selected)),
+                ("reverse", condition, cotangent_of, tuple(selected)),
                 "the reverse pass",
-                lambda: functools.partial(implicit_reverse, self, condition, selected=selected),
+                lambda: fused,
                 trees,
-                functools.partial(self._accept_reverse, condition, selected),
+                functools.partial(self._accept_reverse, condition, cotangent_of, selected),
             )
         if result is _compile.NOT_COMPILED:
-            result = implicit_reverse(self, condition, *trees, selected=selected)
-        products, solution_v, info = result
+            result = fused(*trees)
+        carried, products, solution_v, info = result
         self.report(info, solution_v, condition)
         state.remember("reverse", solution_v, info)
         if state.reduction is not None:
             products = state.reduction.input_gradients(products, len(leaves(hparams)))
-        return products, info
+        return carried, products, info
 
     def forward(self, condition, solution, hparams, args, tangents):
         state = self._state
@@ -320,13 +347,19 @@ class ImplicitAdjoint(AbstractAdjoint):
             raise ImplicitSolveError(message, info.concrete())
         warnings.warn(message, ImplicitSolveWarning, stacklevel=6)
 
-    def _accept_reverse(self, condition, selected, output, trees) -> str | None:
+    def _accept_reverse(self, condition, cotangent_of, selected, output, trees) -> str | None:
         """Accept a compiled reverse pass by what the solve guarantees, measured eagerly: its
         solution's residual is as good as the solver reported, and its mixed product is
         $-B^\\top v$ at that solution. (An element-wise comparison with an eager run is the
-        wrong test: truncated solves amplify rounding differences.)"""
-        products, solution_v, info = output
-        solution, hparams, args, cotangent, _ = trees
+        wrong test: truncated solves amplify rounding differences.) A fused outer gradient is
+        a direct computation: it is compared element-wise."""
+        carried, products, solution_v, info = output
+        solution, hparams, args, extra, _ = trees
+        cotangent, expected_carried = cotangent_of(solution, hparams, extra)
+        if expected_carried is not None:
+            mismatch = _mismatch(leaves(carried), leaves(expected_carried))
+            if mismatch is not None:
+                return f"outer gradient: {mismatch}"
         problem = _Linearised.at(self, condition, solution, hparams, args, cotangent, selected)
         residual = problem.residual_norm(solution_v)
         reported = concrete(info.residual_norm)
@@ -359,7 +392,7 @@ def _advice(outcomes: list[str]) -> str:
 
 
 def _mismatch(actual: Any, expected: Any) -> str | None:
-    """Why two lists of tensors differ beyond $\\varepsilon^{1/3}$ in relative norm, or None."""
+    r"""Why two lists of tensors differ beyond $\varepsilon^{1/3}$ in relative norm, or None."""
     squared_error, squared_norm, eps = 0.0, 0.0, 0.0
     for a, e in zip(actual, expected, strict=True):
         if e is None or a is None:
@@ -373,7 +406,7 @@ def _mismatch(actual: Any, expected: Any) -> str | None:
         squared_error += float(((a - e) ** 2).sum())
         squared_norm += float((e**2).sum())
     if squared_error > eps ** (2 / 3) * squared_norm:
-        return f"mixed product off by {math.sqrt(squared_error / max(squared_norm, 1e-300)):.1e}"
+        return f"off by {math.sqrt(squared_error / max(squared_norm, 1e-300)):.1e} (relative)"
     return None
 
 
@@ -509,6 +542,31 @@ def implicit_reverse(
     solved, info = adjoint.solver.solve(problem.operator, problem.rhs, start, transpose=True)
     products = problem.cross(tree_map(torch.neg, solved))
     return products, solved, info
+
+
+def given_cotangent(solution: Tree, hparams: Tree, cotangent: Tree) -> tuple[Tree, None]:
+    """The cotangent of the decorator's reverse pass: given, nothing carried."""
+    return cotangent, None
+
+
+def fused_reverse(
+    adjoint: ImplicitAdjoint,
+    condition: AbstractOptimalityCondition,
+    cotangent_of: Callable[[Tree, Tree, Any], tuple[Tree, Any]],
+    solution: Tree,
+    hparams: Tree,
+    args: tuple[Any, ...],
+    extra: Any,
+    initial: Tree | None,
+    *,
+    selected: Sequence[bool],
+) -> tuple[Any, list[Any], Tree, SolveInfo]:
+    """`cotangent_of` then `implicit_reverse`: one function for eager calls and for one graph."""
+    cotangent, carried = cotangent_of(solution, hparams, extra)
+    products, solved, info = implicit_reverse(
+        adjoint, condition, solution, hparams, args, cotangent, initial, selected=selected
+    )
+    return carried, products, solved, info
 
 
 def implicit_forward(

@@ -17,7 +17,6 @@ import torch.utils._pytree as pytree
 from torch.func import grad
 
 from implicitfn._adjoint import AbstractAdjoint, ImplicitAdjoint
-from implicitfn._compile import NOT_COMPILED
 from implicitfn._curvature import scalar_loss
 from implicitfn._inputs import check_args_finite, check_tree, detached
 from implicitfn._optimality import AbstractOptimalityCondition, plain_autograd, stationarity
@@ -296,48 +295,27 @@ def hypergradient(
     inner_args, outer_args = tuple(inner_args), tuple(outer_args)
     check_args_finite(inner_args)
     adjoint.prepare()
-    direct_w, direct_h = _outer_gradient(adjoint, outer_loss, params, hparams, outer_args)
     flat, spec = pytree.tree_flatten((hparams, inner_args))
     selected = [i < len(leaves(hparams)) for i in range(len(flat))]
-    products, info = adjoint.reverse(condition, params, hparams, inner_args, direct_w, selected)
+    direct_h, products, info = adjoint.reverse_from(
+        condition, params, hparams, inner_args, OuterGradient(outer_loss), outer_args, selected
+    )
     implicit, _ = pytree.tree_unflatten(products, spec)  # averaged over ranks by the adjoint
     return tree_add(adjoint.mean_over_ranks(direct_h), implicit), info
 
 
-def _outer_gradient(
-    adjoint: AbstractAdjoint,
-    outer_loss: Callable[..., torch.Tensor],
-    params: Tree,
-    hparams: Tree,
-    outer_args: tuple[Any, ...],
-) -> tuple[Tree, Tree]:
-    r"""$(\partial L_V/\partial w, \partial L_V/\partial\lambda)$, compiled when the adjoint compiles."""
-    checked = scalar_loss(outer_loss, "outer_loss")
+@dataclasses.dataclass(frozen=True)
+class OuterGradient:
+    r"""`(params, hparams, outer_args) -> (dL_V/dw, dL_V/d\lambda)`: the cotangent of the reverse
+    pass, and the direct part carried along. A frozen dataclass, so that the same `outer_loss`
+    gives an equal object across calls (the adjoint's compiled graphs are keyed by it)."""
 
-    def direct(p: Tree, h: Tree, a: tuple[Any, ...]) -> tuple[Tree, Tree]:
-        if plain_autograd([*leaves(p), *leaves(h)]):  # eagerly, without functorch's wrapping
-            return _autograd_gradient(checked, p, h, a)
-        return grad(checked, argnums=(0, 1))(p, h, *a)
+    outer_loss: Callable[..., torch.Tensor]
 
-    compiled = adjoint.compiled_functions
-    if compiled is not None:
-        result = compiled.call(
-            ("outer", outer_loss),
-            "the outer gradient",
-            lambda: direct,
-            (params, hparams, outer_args),
-            lambda output, trees: _tree_mismatch(output, direct(*trees)),
-        )
-        if result is not NOT_COMPILED:
-            return result
-    return direct(params, hparams, outer_args)
-
-
-def _tree_mismatch(actual: Any, expected: Any) -> str | None:
-    r"""Why two gradients differ beyond $\varepsilon^{1/3}$ of their dtype, relatively, or None."""
-    for a, e in zip(leaves(actual), leaves(expected), strict=True):
-        tolerance = torch.finfo(e.dtype).eps ** (1 / 3)
-        error = torch.linalg.vector_norm((a - e).double())
-        if not bool(error <= tolerance * torch.linalg.vector_norm(e.double())):
-            return f"outer gradient off by {float(error):.1e}"
-    return None
+    def __call__(
+        self, params: Tree, hparams: Tree, outer_args: tuple[Any, ...]
+    ) -> tuple[Tree, Tree]:
+        loss = scalar_loss(self.outer_loss, "outer_loss")
+        if plain_autograd([*leaves(params), *leaves(hparams)]):  # eagerly, without functorch
+            return _autograd_gradient(loss, params, hparams, outer_args)
+        return grad(loss, argnums=(0, 1))(params, hparams, *outer_args)

@@ -153,6 +153,7 @@ def make_implicitfn(args):
         adjoint=implicitfn.ImplicitAdjoint(
             solver=implicitfn.CG(max_steps=args.cg_steps, rtol=args.rtol),
             curvature=implicitfn.Hessian(),
+            inner_rtol=None,  # a fixed number of adaptation steps: approximate by design
         ),
     )(lambda w, h, x, y: adaptation(w, h, x, y, args.inner_steps))
 

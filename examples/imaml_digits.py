@@ -248,6 +248,7 @@ class IMAML:
                 solver=implicitfn.CG(max_steps=cg_steps, rtol=1e-5),
                 curvature=implicitfn.GaussNewton(),
                 callback=self.cg_infos.append,
+                inner_rtol=None,  # a fixed number of adaptation steps: approximate by design
             ),
         )(self.adaptation)
 

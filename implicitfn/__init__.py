@@ -35,7 +35,25 @@ from implicitfn._optimality import (
     root,
     stationarity,
 )
-from implicitfn._solution import ImplicitSolveError, ImplicitSolveWarning, Outcome, SolveInfo
+from implicitfn._projections import (
+    AbstractProjection,
+    AbstractProx,
+    projection_box,
+    projection_l2_ball,
+    projection_nonnegative,
+    projection_simplex,
+    prox_elastic_net,
+    prox_group_lasso,
+    prox_l1,
+)
+from implicitfn._proximal import projected_gradient, proximal_gradient
+from implicitfn._solution import (
+    ImplicitSolveError,
+    ImplicitSolveWarning,
+    InnerSolutionWarning,
+    Outcome,
+    SolveInfo,
+)
 from implicitfn._tree import tree_axpy, tree_norm, tree_ravel, tree_vdot, tree_zeros_like
 from implicitfn._unrolled import UnrolledAdjoint, unrolled_hypergradient
 
@@ -47,6 +65,8 @@ __all__ = [
     "AbstractLinearOperator",
     "AbstractLinearSolver",
     "AbstractOptimalityCondition",
+    "AbstractProjection",
+    "AbstractProx",
     "CG",
     "Compile",
     "CompileWarning",
@@ -62,6 +82,7 @@ __all__ = [
     "ImplicitAdjoint",
     "ImplicitSolveError",
     "ImplicitSolveWarning",
+    "InnerSolutionWarning",
     "MINRES",
     "MinimizeError",
     "MinimizeWarning",
@@ -81,6 +102,15 @@ __all__ = [
     "hypergradient",
     "implicit_diff",
     "minimize",
+    "projected_gradient",
+    "projection_box",
+    "projection_l2_ball",
+    "projection_nonnegative",
+    "projection_simplex",
+    "prox_elastic_net",
+    "prox_group_lasso",
+    "prox_l1",
+    "proximal_gradient",
     "root",
     "stationarity",
     "tree_axpy",

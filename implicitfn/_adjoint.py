@@ -16,52 +16,58 @@ import abc
 import dataclasses
 import functools
 import math
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import torch
-import torch.utils._pytree as pytree
 
 from implicitfn import _compile
 from implicitfn._curvature import AbstractCurvature, Hessian
 from implicitfn._distributed import DataParallel, data_parallel
-from implicitfn._linear_solve import CG, AbstractLinearSolver
-from implicitfn._operator import (
-    SYMMETRIC,
-    AbstractLinearOperator,
-    FunctionLinearOperator,
-    RaveledOperator,
-    ResamplingOperator,
-    damp,
-)
+from implicitfn._linear_solve import CG, GMRES, MINRES, AbstractLinearSolver
 from implicitfn._optimality import (
     AbstractOptimalityCondition,
-    linearize_reverse,
-    mixed_product,
-    on_leaves,
+    with_same_draws,
+)
+from implicitfn._passes import (
+    Linearised,
+    fused_reverse,
+    given_cotangent,
+    implicit_forward,
+    unbatched,
 )
 from implicitfn._solution import (
     ImplicitSolveError,
     ImplicitSolveWarning,
+    InnerSolutionWarning,
     Outcome,
     SolveInfo,
     all_finite,
     concrete,
+    warn_at_caller,
 )
 from implicitfn._tree import (
     Tree,
-    can_ravel,
     leaves,
-    ravel_leaves,
-    same_structure,
     tree_map,
-    unravel_leaves,
 )
 
 __all__ = ["AbstractAdjoint", "ImplicitAdjoint"]
 
 OnFailure = Literal["raise", "warn"]
+
+
+# The solver each structure calls for when none is given, with a budget and tolerance chosen
+# by hypergradient accuracy against dense float64 oracles, not by residual
+# (benchmarks/default_solvers, summarised on the "How to choose a solver" page): MINRES at
+# rtol 1e-4 stayed within 2% on every MLP point measured (1e-3 gave 16-27%), and needed up to
+# 1216 steps in float32 on a 1.2k-parameter MLP; CG at 1e-4 within 0.4% on PSD operators;
+# GMRES needs a long restart on an indefinite Jacobian (restart 50 stalled at 40% error).
+DEFAULT_SOLVERS: dict[str, AbstractLinearSolver] = {
+    "positive_semidefinite": CG(max_steps=1000, rtol=1e-4),
+    "symmetric": MINRES(max_steps=2000, rtol=1e-4),
+    "general": GMRES(max_steps=2000, restart=200, rtol=1e-4),
+}
 
 
 class AbstractAdjoint(abc.ABC):
@@ -160,10 +166,13 @@ class ImplicitAdjoint(AbstractAdjoint):
 
     **Arguments:**
 
-    - `solver`: the linear solver (default [`CG`][implicitfn.CG]`()`). Its declared
-      capabilities are checked against the condition: a solver that needs a symmetric operator
-      is refused for a [`fixed_point`][implicitfn.fixed_point] or [`root`][implicitfn.root]
-      condition.
+    - `solver`: the linear solver, or `None` (default) for the one that fits the operator's
+      declared structure (see `solver_for`): [`CG`][implicitfn.CG] where it is positive
+      semidefinite (Gauss-Newton, `stationarity(loss, convex=True)`),
+      [`MINRES`][implicitfn.MINRES] for a symmetric one that may be indefinite (the exact
+      Hessian of a network), [`GMRES`][implicitfn.GMRES] for a non-symmetric one
+      (`fixed_point`, `root`). A given solver's declared capabilities are checked against the
+      condition: one that needs a symmetric operator is refused for a `fixed_point` condition.
     - `curvature`: [`Hessian`][implicitfn.Hessian]`()` (exact; default),
       [`GaussNewton`][implicitfn.GaussNewton]`()` or your own
       [`AbstractCurvature`][implicitfn.AbstractCurvature] (with `stationarity` only).
@@ -175,6 +184,12 @@ class ImplicitAdjoint(AbstractAdjoint):
       use nor update it).
     - `distributed`: data parallelism over `torch.distributed`: `False`, `True` (default process
       group) or a `ProcessGroup`; see the "Distributed" page.
+    - `inner_rtol`: warn ([`InnerSolutionWarning`][implicitfn.InnerSolutionWarning]) when the
+      point the inner solver returned is far from satisfying the condition:
+      $\lVert F(w^*, \lambda)\rVert >$ `inner_rtol` $\cdot\lVert A w^*\rVert$ (default 0.1;
+      `None`: no warning). Both norms are always in the `SolveInfo`; measuring them costs one
+      product, and a condition that does not depend on the parameters at all ($A = 0$, the
+      `net(x)` mistake) raises an error that says so.
     - `compile`: `False`, `True`, a mode string or [`Compile`][implicitfn.Compile]`(...)`: the
       reverse pass as one `torch.compile` graph. Needs a solver with `fixed_steps` (e.g.
       `CG(max_steps=10, rtol=0)`); not with `distributed`.
@@ -197,7 +212,7 @@ class ImplicitAdjoint(AbstractAdjoint):
     ```
     """
 
-    solver: AbstractLinearSolver = CG()
+    solver: AbstractLinearSolver | None = None
     curvature: AbstractCurvature = Hessian()
     damping: float = 0.0
     on_failure: OnFailure = "raise"
@@ -205,6 +220,7 @@ class ImplicitAdjoint(AbstractAdjoint):
     warm_start: bool = False
     distributed: Any = False
     compile: Any = False
+    inner_rtol: float | None = 0.1
     _state: _AdjointState = dataclasses.field(
         init=False,
         repr=False,
@@ -213,7 +229,7 @@ class ImplicitAdjoint(AbstractAdjoint):
     )
 
     def __post_init__(self) -> None:
-        if not isinstance(self.solver, AbstractLinearSolver):
+        if self.solver is not None and not isinstance(self.solver, AbstractLinearSolver):
             raise TypeError(
                 f"solver: expected an implicitfn linear solver such as implicitfn.CG(), got "
                 f"{type(self.solver).__name__}."
@@ -235,9 +251,17 @@ class ImplicitAdjoint(AbstractAdjoint):
             )
         if not isinstance(self.warm_start, bool):
             raise TypeError(f"warm_start: expected a bool, got {type(self.warm_start).__name__}.")
+        if self.inner_rtol is not None and (
+            isinstance(self.inner_rtol, bool)
+            or not isinstance(self.inner_rtol, (int, float))
+            or not self.inner_rtol > 0
+        ):
+            raise ValueError(
+                f"inner_rtol: expected a float > 0 or None (no check), got {self.inner_rtol!r}."
+            )
         reduction = data_parallel(self.distributed)
         options = _compile.as_compile(self.compile)
-        if options is not None and not self.solver.fixed_steps:
+        if options is not None and (self.solver is None or not self.solver.fixed_steps):
             raise ValueError(
                 f"compile: needs a solver that runs a fixed number of steps (one graph), got "
                 f"{self.solver!r}; use e.g. implicitfn.CG(max_steps=10, rtol=0), or compile=False."
@@ -258,7 +282,7 @@ class ImplicitAdjoint(AbstractAdjoint):
                 "wrap a training loss with implicitfn.stationarity(loss), a map with "
                 "implicitfn.fixed_point(T) or a residual with implicitfn.root(F)."
             )
-        if self.solver.needs_symmetric and not condition.symmetric:
+        if self.solver_for(condition).needs_symmetric and not condition.symmetric:
             raise ValueError(
                 f"adjoint.solver: {type(self.solver).__name__} needs a symmetric operator, but "
                 f"{type(condition).__name__} has a non-symmetric Jacobian; use implicitfn.GMRES(), "
@@ -291,8 +315,9 @@ class ImplicitAdjoint(AbstractAdjoint):
                 trees,
                 functools.partial(self._accept_reverse, condition, cotangent_of, selected),
             )
-        if result is _compile.NOT_COMPILED:
-            result = fused(*trees)
+        if result is _compile.NOT_COMPILED:  # eagerly, every evaluation sees the same draws
+            same = with_same_draws(condition)
+            result = fused_reverse(self, same, cotangent_of, *trees, selected=selected)
         carried, products, solution_v, info = result
         self.report(info, solution_v, condition)
         state.remember("reverse", solution_v, info)
@@ -304,11 +329,39 @@ class ImplicitAdjoint(AbstractAdjoint):
         state = self._state
         initial = state.initial("forward")
         direction, info = implicit_forward(
-            self, condition, solution, hparams, tuple(args), tangents, initial
+            self, with_same_draws(condition), solution, hparams, tuple(args), tangents, initial
         )
         self.report(info, direction, condition)
         state.remember("forward", direction, info)
         return direction
+
+    @property
+    def reduction(self) -> DataParallel | None:
+        """The data-parallel averaging over ranks, or None without `distributed=`."""
+        return self._state.reduction
+
+    def solver_for(self, condition: AbstractOptimalityCondition) -> AbstractLinearSolver:
+        """The solver for `condition`: the one given, else the one its structure calls for.
+
+        ```python
+        >>> import implicitfn
+        >>> adjoint = implicitfn.ImplicitAdjoint()
+        >>> net_loss = lambda w, h, x: (w.tanh() * x).sum() + h * (w ** 2).sum()
+        >>> type(adjoint.solver_for(implicitfn.stationarity(net_loss))).__name__
+        'MINRES'
+        >>> type(adjoint.solver_for(implicitfn.stationarity(net_loss, convex=True))).__name__
+        'CG'
+        >>> type(adjoint.solver_for(implicitfn.fixed_point(lambda w, h: 0.5 * w + h))).__name__
+        'GMRES'
+        ```
+        """
+        if self.solver is not None:
+            return self.solver
+        if condition.positive_semidefinite(self.curvature):
+            return DEFAULT_SOLVERS["positive_semidefinite"]
+        if condition.symmetric:
+            return DEFAULT_SOLVERS["symmetric"]
+        return DEFAULT_SOLVERS["general"]
 
     def mean_over_ranks(self, tree: Tree) -> Tree:
         reduction = self._state.reduction
@@ -329,23 +382,58 @@ class ImplicitAdjoint(AbstractAdjoint):
     def report(
         self, info: SolveInfo, solution: Tree, condition: AbstractOptimalityCondition
     ) -> None:
-        """Call the callback; raise or warn when the solve failed; always raise on NaN/Inf."""
+        """Call the callback; check the point the inner solver returned; raise or warn when the
+        solve failed; always raise on NaN/Inf."""
         if self.callback is not None:
             self.callback(info.concrete())
+        where = (
+            f"condition {type(condition).__name__}, curvature {type(self.curvature).__name__}, "
+            f"solver {self.solver_for(condition)!r}"
+        )
+        self._check_point(info, where)
         failed = bool(concrete(info.failed).any())
         finite = all_finite(solution)
         if not failed and finite:
             return
         names = sorted(set(info.outcome_names()) - {Outcome.SUCCESSFUL.name.lower()})
         message = (
-            f"The implicit backward solve failed: {info} (condition "
-            f"{type(condition).__name__}, curvature {type(self.curvature).__name__}, solver "
-            f"{self.solver!r}). {_advice(names)} Pass on_failure='warn' to continue with the "
-            "approximate gradient."
+            f"The implicit backward solve failed: {info} ({where}). {_advice(names)} Pass "
+            "on_failure='warn' to continue with the approximate gradient."
         )
         if self.on_failure == "raise" or not finite:
             raise ImplicitSolveError(message, info.concrete())
-        warnings.warn(message, ImplicitSolveWarning, stacklevel=6)
+        warn_at_caller(message, ImplicitSolveWarning)
+
+    def _check_point(self, info: SolveInfo, where: str) -> None:
+        """Raise when F does not depend on the parameters; warn when the inner solver returned a
+        point far from satisfying the condition (the theorem's premise)."""
+        if info.optimality_scale is None:
+            return
+        norm, scale = concrete(info.optimality_norm), concrete(info.optimality_scale)
+        if bool((scale == 0).any()) and bool(torch.isfinite(norm).all()):
+            raise ValueError(
+                f"The optimality condition does not depend on the parameters at the solution "
+                f"(dF/dw = 0; {where}): the parameters the inner solver returns never reach the "
+                "training loss. The usual cause: calling the module, net(x), instead of its "
+                "functional form, apply(params, x) with apply, params = "
+                "implicitfn.functional_model(net)."
+            )
+        if not bool(torch.isfinite(norm).all()):
+            raise ImplicitSolveError(
+                f"The optimality condition is NaN/Inf at the solution ({where}): check the "
+                "training loss at these parameters, hyperparameters and data."
+            )
+        relative = norm / torch.clamp(scale, min=torch.finfo(scale.dtype).tiny)
+        worst = float(relative.max())
+        if self.inner_rtol is not None and worst > self.inner_rtol:
+            warn_at_caller(
+                f"The inner solution is far from optimal: ||F(w*, lambda)|| = "
+                f"{float(norm.max()):.2e} is {worst:.1e} of ||A w*|| (inner_rtol="
+                f"{self.inner_rtol:g}; {where}). The implicit function theorem assumes F = 0 "
+                "there, so the hypergradient is biased by about that much: solve the inner "
+                "problem more accurately (more steps, a tighter tolerance).",
+                InnerSolutionWarning,
+            )
 
     def _accept_reverse(self, condition, cotangent_of, selected, output, trees) -> str | None:
         """Accept a compiled reverse pass by what the solve guarantees, measured eagerly: its
@@ -360,7 +448,7 @@ class ImplicitAdjoint(AbstractAdjoint):
             mismatch = _mismatch(leaves(carried), leaves(expected_carried))
             if mismatch is not None:
                 return f"outer gradient: {mismatch}"
-        problem = _Linearised.at(self, condition, solution, hparams, args, cotangent, selected)
+        problem = Linearised.at(self, condition, solution, hparams, args, cotangent, selected)
         residual = problem.residual_norm(solution_v)
         reported = concrete(info.residual_norm)
         slack = 1e-3 * float(concrete(info.rhs_norm)) + math.sqrt(torch.finfo(reported.dtype).eps)
@@ -425,172 +513,7 @@ class _AdjointState:
         return self._last.get(kind) if self.warm_start else None
 
     def remember(self, kind: str, solution: Tree, info: SolveInfo) -> None:
-        if not self.warm_start or not _unbatched(solution):
+        if not self.warm_start or not unbatched(solution):
             return  # a solution with a vmap batch dimension belongs to that batch
         if bool(concrete(info.successful).all()):
             self._last[kind] = tree_map(lambda t: concrete(t).clone(), solution)
-
-
-def _unbatched(tree: Tree) -> bool:
-    """No leaf carries a hidden vmap batch dimension."""
-    return all(concrete(leaf).shape == leaf.shape for leaf in leaves(tree))
-
-
-def _usable(initial: Tree | None, rhs: Tree) -> Tree | None:
-    """A remembered solution when it fits the system being solved now (shape, dtype, device)."""
-    if initial is None or not _unbatched(rhs) or not same_structure(initial, rhs):
-        return None
-    pairs = zip(leaves(initial), leaves(rhs), strict=True)
-    if any(a.dtype != b.dtype or a.device != b.device for a, b in pairs):
-        return None
-    return initial
-
-
-# ---------------------------------------------------------------------------------------------
-# The passes, each written once. The compiled path traces these same functions.
-
-
-@dataclasses.dataclass
-class _Linearised:
-    """The condition linearised at a point, in the layout the solver works in.
-
-    The built-in conditions are rewritten on leaf lists (`on_leaves`) and, when the leaves
-    share a dtype and device, the system is solved on one raveled vector: every solver step is
-    then a few single-tensor kernels instead of a walk over a TensorDict.
-    """
-
-    operator: AbstractLinearOperator  # A (damped, averaged over ranks), possibly raveled
-    cross: Callable[[Tree], list[Any]]  # u -> B^T u over the selected leaves
-    rhs: Tree  # the cotangent in the solver's layout
-
-    @classmethod
-    def at(
-        cls,
-        adjoint: ImplicitAdjoint,
-        condition: AbstractOptimalityCondition,
-        solution: Tree,
-        hparams: Tree,
-        args: Sequence[Any],
-        cotangent: Tree,
-        selected: Sequence[bool],
-    ) -> _Linearised:
-        reduction, curvature = adjoint._state.reduction, adjoint.curvature
-        spec = pytree.tree_structure(solution)
-        flat = on_leaves(condition, spec) if curvature.works_on_leaves else None
-        params, rhs, shapes = solution, cotangent, None
-        if flat is not None:
-            condition, params, rhs = flat, leaves(solution), leaves(cotangent)
-            if can_ravel([*params, *rhs]):
-                shapes = tuple(p.shape for p in params)
-                rhs = ravel_leaves(rhs)
-        if reduction is not None:  # then every vector the solver sees is the same on all ranks
-            rhs = reduction.mean(rhs)
-
-        def finish(operator: AbstractLinearOperator) -> AbstractLinearOperator:
-            if reduction is not None:
-                operator = reduction.operator(operator)
-            return damp(operator, adjoint.damping)
-
-        def jacobian(*batch: Any) -> AbstractLinearOperator:
-            operator = condition.linearize(curvature, params, hparams, *batch)
-            return operator if shapes is None else RaveledOperator(operator, shapes, rhs)
-
-        def linearize(*batch: Any) -> AbstractLinearOperator:
-            return finish(jacobian(*batch))
-
-        if shapes is not None and curvature.linearizes_jointly:
-            # One linearisation of F in (w, lambda) serves A^T u and B^T u (exact Jacobian).
-            transpose_product, cross = linearize_reverse(condition, params, hparams, args, selected)
-            tags = {SYMMETRIC} if condition.symmetric else set()
-            forward = transpose_product if condition.symmetric else jacobian(*args).mv
-            operator = finish(FunctionLinearOperator(forward, rhs, transpose_product, tags))
-        else:
-            operator = linearize(*args)
-
-            def cross(u: Tree) -> list[Any]:
-                u = u if shapes is None else unravel_leaves(u, shapes)
-                return mixed_product(condition, params, hparams, args, selected, cotangent=u)
-
-        return cls(ResamplingOperator(operator, linearize), cross, rhs)
-
-    def residual_norm(self, solution: Tree) -> torch.Tensor:
-        r"""$\lVert A^\top v - \bar w\rVert$ for `solution` in the solver's layout."""
-        image = self.operator.transpose().mv(solution)
-        difference = [a - b for a, b in zip(leaves(image), leaves(self.rhs), strict=True)]
-        return torch.linalg.vector_norm(torch.cat([d.reshape(-1) for d in difference]))
-
-
-def implicit_reverse(
-    adjoint: ImplicitAdjoint,
-    condition: AbstractOptimalityCondition,
-    solution: Tree,
-    hparams: Tree,
-    args: tuple[Any, ...],
-    cotangent: Tree,
-    initial: Tree | None,
-    *,
-    selected: Sequence[bool],
-) -> tuple[list[Any], Tree, SolveInfo]:
-    r"""The reverse pass: `(-B^T v, v, info)` with $A^\top v = \bar w$ (`cotangent`).
-
-    `v` is returned in the solver's layout (a raveled vector or a leaf list where the built-in
-    conditions allow), which is also the layout of `initial`, the starting guess (used only if
-    it fits). A pure function of its tensors: eager calls and `torch.compile` run this code.
-    """
-    problem = _Linearised.at(adjoint, condition, solution, hparams, args, cotangent, selected)
-    start = _usable(initial, problem.rhs)
-    solved, info = adjoint.solver.solve(problem.operator, problem.rhs, start, transpose=True)
-    products = problem.cross(tree_map(torch.neg, solved))
-    return products, solved, info
-
-
-def given_cotangent(solution: Tree, hparams: Tree, cotangent: Tree) -> tuple[Tree, None]:
-    """The cotangent of the decorator's reverse pass: given, nothing carried."""
-    return cotangent, None
-
-
-def fused_reverse(
-    adjoint: ImplicitAdjoint,
-    condition: AbstractOptimalityCondition,
-    cotangent_of: Callable[[Tree, Tree, Any], tuple[Tree, Any]],
-    solution: Tree,
-    hparams: Tree,
-    args: tuple[Any, ...],
-    extra: Any,
-    initial: Tree | None,
-    *,
-    selected: Sequence[bool],
-) -> tuple[Any, list[Any], Tree, SolveInfo]:
-    """`cotangent_of` then `implicit_reverse`: one function for eager calls and for one graph."""
-    cotangent, carried = cotangent_of(solution, hparams, extra)
-    products, solved, info = implicit_reverse(
-        adjoint, condition, solution, hparams, args, cotangent, initial, selected=selected
-    )
-    return carried, products, solved, info
-
-
-def implicit_forward(
-    adjoint: ImplicitAdjoint,
-    condition: AbstractOptimalityCondition,
-    solution: Tree,
-    hparams: Tree,
-    args: tuple[Any, ...],
-    tangents: Sequence[torch.Tensor | None],
-    initial: Tree | None,
-) -> tuple[Tree, SolveInfo]:
-    r"""The forward pass: $\dot w$ with $A\dot w = -B\dot\lambda$, and the solve's info."""
-    selected = [t is not None for t in tangents]
-    rhs = mixed_product(condition, solution, hparams, args, selected, tangents=list(tangents))
-    rhs = tree_map(torch.neg, rhs)
-    reduction = adjoint._state.reduction
-    if reduction is not None:
-        rhs = reduction.mean(rhs)
-
-    def linearize(*batch: Any) -> AbstractLinearOperator:
-        operator = condition.linearize(adjoint.curvature, solution, hparams, *batch)
-        if reduction is not None:
-            operator = reduction.operator(operator)
-        return damp(operator, adjoint.damping)
-
-    operator = ResamplingOperator(linearize(*args), linearize)
-    return adjoint.solver.solve(operator, rhs, _usable(initial, rhs))

@@ -83,7 +83,9 @@ class Compile:
                 f"'aot_eager', got {type(self.backend).__name__}."
             )
         if isinstance(self.max_artefacts, bool) or not isinstance(self.max_artefacts, int):
-            raise TypeError(f"max_artefacts: expected an int, got {type(self.max_artefacts).__name__}.")
+            raise TypeError(
+                f"max_artefacts: expected an int, got {type(self.max_artefacts).__name__}."
+            )
         if self.max_artefacts < 1:
             raise ValueError(f"max_artefacts: must be >= 1 (got {self.max_artefacts}).")
 
@@ -214,7 +216,9 @@ class CompiledFunctions:
             return fn(*rebuild(values))
 
         code_name = f"implicitfn_{name.replace(' ', '_')}_{self.compiled}"
-        compiled = self._compile(_fresh_function(entry, code_name), {t.device.type for t in tensors})
+        compiled = self._compile(
+            _fresh_function(entry, code_name), {t.device.type for t in tensors}
+        )
         with torch.set_grad_enabled(differentiable):
             try:
                 with warnings.catch_warnings():  # torch's own notes while tracing

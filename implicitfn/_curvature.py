@@ -96,7 +96,9 @@ class AbstractCurvature(abc.ABC):
     Implement [`linearize`][implicitfn.AbstractCurvature.linearize] to add a curvature (a
     K-FAC or diagonal approximation, say); it must return an operator tagged `"symmetric"`.
 
-    Declared capabilities, read by the adjoint instead of checking types: `works_on_leaves`
+    Declared capabilities, read by the adjoint instead of checking types:
+    `positive_semidefinite` (the operator is PSD wherever it is built, like Gauss-Newton: the
+    default solver is then CG), `works_on_leaves`
     (the loss may be given its parameters as a flat list of tensors, which lets the backward
     pass solve on one raveled vector) and `linearizes_jointly` (the operator is the exact
     Hessian, so one linearisation of the gradient in $(w, \lambda)$ can serve both the solve
@@ -113,6 +115,7 @@ class AbstractCurvature(abc.ABC):
 
     works_on_leaves: bool = False
     linearizes_jointly: bool = False
+    positive_semidefinite: bool = False
 
     @abc.abstractmethod
     def linearize(
@@ -195,6 +198,8 @@ class GaussNewton(AbstractCurvature):
     """
 
     works_on_leaves = True
+
+    positive_semidefinite = True
 
     def linearize(self, loss, params, hparams, *args):
         if not isinstance(loss, CompositeLoss):

@@ -18,12 +18,30 @@ from torch.func import grad
 
 from implicitfn._adjoint import AbstractAdjoint, ImplicitAdjoint
 from implicitfn._curvature import scalar_loss
-from implicitfn._inputs import check_args_finite, check_tree, detached
-from implicitfn._optimality import AbstractOptimalityCondition, plain_autograd, stationarity
+from implicitfn._inputs import (
+    check_args_finite,
+    check_finite,
+    check_gradients,
+    check_tree,
+    check_unmodified,
+    detached,
+    input_names,
+    private_copy,
+    versions,
+)
+from implicitfn._optimality import (
+    AbstractOptimalityCondition,
+    bind_keywords,
+    plain_autograd,
+    stationarity,
+)
 from implicitfn._solution import SolveInfo, all_finite
 from implicitfn._tree import Tree, describe, leaves, same_structure, tree_add
 
 __all__ = ["hypergradient", "implicit_diff"]
+
+
+_TENSOR = object()  # marks the leaves of (hparams, args) that are tensors passed to the Function
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,13 +52,14 @@ class _Layout:
     condition: AbstractOptimalityCondition
     solution_spec: pytree.TreeSpec
     inputs_spec: pytree.TreeSpec
-    constants: tuple[Any, ...]  # inputs leaves; None where the leaf is a tensor passed to apply
+    constants: tuple[Any, ...]  # inputs leaves; _TENSOR where the leaf is a tensor passed to apply
     num_solution: int
+    input_names: list[str]  # of the leaves of (hparams, args), for messages
 
     def rebuild(self, tensors: Sequence[torch.Tensor]) -> tuple[Tree, Tree, tuple[Any, ...]]:
         solution = pytree.tree_unflatten(list(tensors[: self.num_solution]), self.solution_spec)
         remaining = iter(tensors[self.num_solution :])
-        flat = [next(remaining) if c is None else c for c in self.constants]
+        flat = [next(remaining) if c is _TENSOR else c for c in self.constants]
         hparams, args = pytree.tree_unflatten(flat, self.inputs_spec)
         return solution, hparams, args
 
@@ -79,7 +98,8 @@ class _ImplicitBoundary(torch.autograd.Function):
         products, _ = layout.adjoint.reverse(
             layout.condition, solution, hparams, args, cotangent, selected
         )
-        input_grads = [g for g, c in zip(products, layout.constants, strict=True) if c is None]
+        check_gradients(products, layout.input_names)
+        input_grads = [g for g, c in zip(products, layout.constants, strict=True) if c is _TENSOR]
         return (None,) * (1 + layout.num_solution) + tuple(input_grads)
 
     @staticmethod
@@ -103,12 +123,12 @@ class _ImplicitBoundary(torch.autograd.Function):
 def _select(constants: Sequence[Any], flags: Sequence[bool]) -> list[bool]:
     """Spread flags over the tensor inputs to all leaves of (hparams, args)."""
     flags_iter = iter(flags)
-    return [bool(next(flags_iter)) if c is None else False for c in constants]
+    return [bool(next(flags_iter)) if c is _TENSOR else False for c in constants]
 
 
 def _scatter(constants: Sequence[Any], values: Sequence[Any]) -> list[Any]:
     values_iter = iter(values)
-    return [next(values_iter) if c is None else None for c in constants]
+    return [next(values_iter) if c is _TENSOR else None for c in constants]
 
 
 def _autograd_gradient(
@@ -127,30 +147,40 @@ def _autograd_gradient(
 
 
 def implicit_diff(
-    condition: AbstractOptimalityCondition, *, adjoint: AbstractAdjoint | None = None
+    condition: AbstractOptimalityCondition,
+    *,
+    adjoint: AbstractAdjoint | None = None,
+    has_aux: bool = False,
 ) -> Callable[[Callable[..., Tree]], Callable[..., Tree]]:
     r"""Give an inner solver derivatives with respect to its hyperparameters and data.
 
-    The decorated function `inner_solve(params, hparams, *args) -> params*` may be any solver (an
-    SGD loop, L-BFGS, a closed form): it runs on detached inputs and its own autograd graph is
-    not kept. Its result carries derivatives that `adjoint` computes at the returned point: by
-    default the implicit function theorem, $\frac{dw^*}{d\lambda} = -A^{-1}B$ with
-    $A = \partial F/\partial w$ and $B = \partial F/\partial\lambda$ of the optimality
-    condition $F(w^*, \lambda, \ldots) = 0$. Gradients reach `hparams` and every
-    floating-point tensor in `*args`; none reach the initial `params`.
+    The decorated function `inner_solve(params, hparams, *args, **kwargs) -> params*` may be any
+    solver (an SGD loop, `torch.optim.LBFGS`, a closed form, [`minimize`][implicitfn.minimize]).
+    It receives its own detached copies of `params` and `hparams`, which it may train in place
+    (`requires_grad_()` and a `torch.optim` optimiser, as usual): the caller's tensors are never
+    modified, and its own autograd graph is not kept. Its result carries derivatives that
+    `adjoint` computes at the returned point: by default the implicit function theorem,
+    $rac{dw^*}{d\lambda} = -A^{-1}B$ with $A = \partial F/\partial w$ and
+    $B = \partial F/\partial\lambda$ of the optimality condition $F(w^*, \lambda, \ldots) = 0$.
+    Gradients reach `hparams` and every floating-point tensor in `*args` and `**kwargs`; none
+    reach the initial `params`.
 
-    It works with `.backward()`, `torch.autograd.grad`, `torch.func.grad`, `vjp`, `jacrev`,
-    `jvp`, `jacfwd` and `vmap` over batches of problems.
+    `params` and `hparams` may be a tensor or any tree of tensors torch knows (dict,
+    TensorDict, tuple, list; `None` entries of `hparams` and the data are passed through). It
+    works with `.backward()`, `torch.autograd.grad`, `torch.func.grad`, `vjp`, `jacrev`, `jvp`,
+    `jacfwd` and `vmap` over batches of problems.
 
     **Arguments:**
 
     - `condition`: the optimality condition, e.g. [`stationarity`][implicitfn.stationarity]`(loss)`,
       [`fixed_point`][implicitfn.fixed_point]`(T)` or [`root`][implicitfn.root]`(F)`; it takes
-      the same `(params, hparams, *args)` as the inner solver.
+      the same `(params, hparams, *args, **kwargs)` as the inner solver.
     - `adjoint`: how to differentiate through the solution:
-      [`ImplicitAdjoint`][implicitfn.ImplicitAdjoint]`(...)` (default, with CG on the exact
-      Hessian) or [`UnrolledAdjoint`][implicitfn.UnrolledAdjoint]`(...)`. Checked against the
-      condition here, before any computing.
+      [`ImplicitAdjoint`][implicitfn.ImplicitAdjoint]`(...)` (default) or
+      [`UnrolledAdjoint`][implicitfn.UnrolledAdjoint]`(...)`. Checked against the condition
+      here, before any computing.
+    - `has_aux`: the inner solver returns `(params*, aux)`; `aux` (say, a loss history) is
+      returned beside the solution, detached.
 
     **Returns:** a decorator.
 
@@ -166,46 +196,75 @@ def implicit_diff(
     ...     return {"w": torch.linalg.solve(matrix, x.T @ y)}
     >>> x, y = torch.randn(20, 3, dtype=torch.float64), torch.randn(20, dtype=torch.float64)
     >>> hparams = {"decay": torch.ones(3, dtype=torch.float64, requires_grad=True)}
-    >>> w = ridge({"w": torch.zeros(3, dtype=torch.float64)}, hparams, x, y)
+    >>> w = ridge({"w": torch.zeros(3, dtype=torch.float64)}, hparams, x, y=y)  # keywords work
     >>> (w["w"] ** 2).sum().backward()
     >>> hparams["decay"].grad.shape
     torch.Size([3])
     ```
     """
     adjoint = _checked_adjoint(adjoint, condition)
+    if not isinstance(has_aux, bool):
+        raise TypeError(f"has_aux: expected a bool, got {type(has_aux).__name__}.")
 
     def decorator(inner_solve: Callable[..., Tree]) -> Callable[..., Tree]:
         if not callable(inner_solve):
             raise TypeError(
                 f"implicit_diff decorates a function, got {type(inner_solve).__name__}."
             )
+        name = getattr(inner_solve, "__name__", "the inner solver")
 
         @functools.wraps(inner_solve)
-        def solve_with_implicit_derivatives(params: Tree, hparams: Tree, *args: Any) -> Tree:
-            check_tree(params, "params")
+        def solve_with_implicit_derivatives(
+            params: Tree, hparams: Tree, *args: Any, **kwargs: Any
+        ) -> Tree:
+            check_tree(params, "params", allow_none=False)
             check_tree(hparams, "hparams", allow_empty=True)
-            check_args_finite(args)
+            check_finite(hparams, "hparams", "pass finite hyperparameters.")
+            check_finite(args, "args", "clean the data before the inner solve.")
+            check_finite(kwargs, "kwargs", "clean the data before the inner solve.")
+            keyed = bind_keywords(condition, tuple(kwargs))  # before any computing
             adjoint.prepare()
-            solution = inner_solve(detached(params), detached(hparams), *detached(args))
+            data_versions = versions(args), versions(kwargs)
+            result = inner_solve(
+                private_copy(params), private_copy(hparams), *detached(args), **detached(kwargs)
+            )
+            check_unmodified(args, data_versions[0], "args", name)
+            check_unmodified(kwargs, data_versions[1], "kwargs", name)
+            solution, aux = _split_aux(result, has_aux, name)
             if not same_structure(solution, params) or isinstance(
                 solution, torch.Tensor
             ) != isinstance(params, torch.Tensor):
                 raise ValueError(
-                    f"{inner_solve.__name__} returned {describe(solution)}, but params is "
-                    f"{describe(params)}; the inner solver must return parameters with the same "
-                    "keys and shapes as it was given."
+                    f"{name} returned {describe(solution)}, but params is {describe(params)}; the "
+                    "inner solver must return parameters with the same keys and shapes as it "
+                    "was given."
                 )
-            check_tree(solution, f"the value returned by {inner_solve.__name__}")
+            check_tree(solution, f"the value returned by {name}", allow_none=False)
             if not all_finite(solution):
                 raise ValueError(
-                    f"{inner_solve.__name__} returned NaN/Inf parameters; the inner solve diverged "
-                    "(lower its learning rate or check the data)."
+                    f"{name} returned NaN/Inf parameters; the inner solve diverged (lower its "
+                    "learning rate or check the data)."
                 )
-            return _attach(adjoint, condition, solution, hparams, args)
+            everything = (*args, *kwargs.values())
+            names = input_names(hparams, everything, tuple(kwargs))
+            attached = _attach(adjoint, keyed, solution, hparams, everything, names)
+            return (attached, detached(aux)) if has_aux else attached
 
         return solve_with_implicit_derivatives
 
     return decorator
+
+
+def _split_aux(result: Any, has_aux: bool, name: str) -> tuple[Tree, Any]:
+    """`(solution, aux)` from what the inner solver returned."""
+    if not has_aux:
+        return result, None
+    if not (isinstance(result, tuple) and len(result) == 2):
+        raise TypeError(
+            f"{name} must return a pair (params, aux) with has_aux=True, got "
+            f"{type(result).__name__}."
+        )
+    return result
 
 
 def _checked_adjoint(
@@ -230,14 +289,15 @@ def _attach(
     solution: Tree,
     hparams: Tree,
     args: Sequence[Any],
+    names: list[str],
 ) -> Tree:
     """Route `solution` through the autograd boundary so it depends on `hparams` and `args`."""
     solution_leaves, solution_spec = pytree.tree_flatten(detached(solution))
     input_leaves, inputs_spec = pytree.tree_flatten((hparams, tuple(args)))
-    constants = tuple(None if isinstance(x, torch.Tensor) else x for x in input_leaves)
+    constants = tuple(_TENSOR if isinstance(x, torch.Tensor) else x for x in input_leaves)
     tensors = [x for x in input_leaves if isinstance(x, torch.Tensor)]
     layout = _Layout(
-        adjoint, condition, solution_spec, inputs_spec, constants, len(solution_leaves)
+        adjoint, condition, solution_spec, inputs_spec, constants, len(solution_leaves), names
     )
     outputs = _ImplicitBoundary.apply(layout, *solution_leaves, *tensors)
     return pytree.tree_unflatten(list(outputs), solution_spec)
@@ -299,6 +359,13 @@ def hypergradient(
     selected = [i < len(leaves(hparams)) for i in range(len(flat))]
     direct_h, products, info = adjoint.reverse_from(
         condition, params, hparams, inner_args, OuterGradient(outer_loss), outer_args, selected
+    )
+    check_gradients(products, input_names(hparams, inner_args))
+    check_finite(
+        direct_h,
+        "dL_V/dhparams",
+        "the outer loss's gradient with respect to the "
+        "hyperparameters is not finite: check the outer loss.",
     )
     implicit, _ = pytree.tree_unflatten(products, spec)  # averaged over ranks by the adjoint
     return tree_add(adjoint.mean_over_ranks(direct_h), implicit), info

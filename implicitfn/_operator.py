@@ -158,6 +158,13 @@ class DampedLinearOperator(AbstractWrappedOperator):
     def transpose(self) -> AbstractLinearOperator:
         return DampedLinearOperator(self.operator.transpose(), self.damping)
 
+    def as_matrix(self, chunk_size: int = 256) -> torch.Tensor:
+        # The wrapped operator's own (possibly cheaper) matrix, plus mu I.
+        matrix = self.operator.as_matrix(chunk_size)
+        return matrix + self.damping * torch.eye(
+            len(matrix), dtype=matrix.dtype, device=matrix.device
+        )
+
 
 @dataclasses.dataclass(frozen=True)
 class RaveledOperator(AbstractLinearOperator):
@@ -234,6 +241,10 @@ class ResamplingOperator(AbstractWrappedOperator):
 
     def mv(self, vector: Tree) -> Tree:
         return self.operator.mv(vector)
+
+    def as_matrix(self, chunk_size: int = 256) -> torch.Tensor:
+        # The wrapped operator may build its matrix with fewer products (a support restriction).
+        return self.operator.as_matrix(chunk_size)
 
     def transpose(self) -> AbstractLinearOperator:
         linearize = self.linearize

@@ -66,6 +66,11 @@ class AbstractOptimalityCondition(abc.ABC):
 
         return jacobian_operator(of_params, params, symmetric=self.symmetric, mode=mode)
 
+    def positive_semidefinite(self, curvature: AbstractCurvature) -> bool:
+        """Whether $\\partial F/\\partial w$ built with `curvature` is positive semidefinite
+        everywhere (then CG applies); the default solver follows this declared structure."""
+        return False
+
     def check_curvature(self, curvature: AbstractCurvature) -> None:
         """Raise before any computing when `curvature` cannot serve this condition.
 
@@ -85,10 +90,14 @@ class Stationarity(AbstractOptimalityCondition):
     r"""$F = \nabla_w L(w, \lambda, \ldots)$; made by [`stationarity`][implicitfn.stationarity]."""
 
     loss: Callable[..., torch.Tensor]
+    convex: bool = False
     symmetric = True
 
     def residual(self, params, hparams, *args):
         return grad(scalar_loss(self.loss, "loss"))(params, hparams, *args)
+
+    def positive_semidefinite(self, curvature: AbstractCurvature) -> bool:
+        return self.convex or curvature.positive_semidefinite
 
     def linearize(self, curvature, params, hparams, *args):
         return curvature.linearize(self.loss, params, hparams, *args)
@@ -129,7 +138,9 @@ def _check_callable(fn: Any, name: str, what: str) -> None:
         raise TypeError(f"{name}: expected a callable {what}, got {type(fn).__name__}.")
 
 
-def stationarity(loss: Callable[..., torch.Tensor]) -> AbstractOptimalityCondition:
+def stationarity(
+    loss: Callable[..., torch.Tensor], *, convex: bool = False
+) -> AbstractOptimalityCondition:
     r"""The inner solution is a stationary point of `loss`: $F = \nabla_w L(w, \lambda, \ldots) = 0$.
 
     $\partial F/\partial w$ is the Hessian of the loss (symmetric), so every solver applies,
@@ -140,6 +151,10 @@ def stationarity(loss: Callable[..., torch.Tensor]) -> AbstractOptimalityConditi
 
     - `loss`: `(params, hparams, *args) -> scalar tensor`, the training loss including any
       regulariser that depends on the hyperparameters.
+    - `convex`: declare the loss convex in the parameters (ridge, logistic regression): its
+      Hessian is then positive semidefinite everywhere, and the default solver of
+      [`ImplicitAdjoint`][implicitfn.ImplicitAdjoint] is CG instead of MINRES. Leave `False`
+      for a network.
 
     **Returns:** an [`AbstractOptimalityCondition`][implicitfn.AbstractOptimalityCondition].
 
@@ -151,7 +166,9 @@ def stationarity(loss: Callable[..., torch.Tensor]) -> AbstractOptimalityConditi
     ```
     """
     _check_callable(loss, "loss", "(params, hparams, *args) -> scalar")
-    return Stationarity(loss)
+    if not isinstance(convex, bool):
+        raise TypeError(f"convex: expected a bool, got {type(convex).__name__}.")
+    return Stationarity(loss, convex)
 
 
 def fixed_point(mapping: Callable[..., Tree]) -> AbstractOptimalityCondition:
@@ -200,6 +217,101 @@ def root(function: Callable[..., Tree], *, symmetric: bool = False) -> AbstractO
     return RootCondition(function, symmetric)
 
 
+@dataclasses.dataclass(frozen=True)
+class KeywordsLast:
+    """`fn` with its last `len(names)` extra arguments passed as keywords `names`.
+
+    The decorated function may be called with keyword arguments (`fit(p, h, x=x, y=y)`); the
+    backward pass passes them positionally after the others, and this calls the user's function
+    as they wrote it. A frozen dataclass, so that equal wrappers compare equal (compiled graphs
+    are keyed by the condition).
+    """
+
+    fn: Callable[..., Any]
+    names: tuple[str, ...]
+
+    def __call__(self, first: Any, hparams: Any, *args: Any) -> Any:
+        positional, keywords = (
+            args[: len(args) - len(self.names)],
+            args[len(args) - len(self.names) :],
+        )
+        return self.fn(first, hparams, *positional, **dict(zip(self.names, keywords, strict=True)))
+
+
+def map_functions(
+    condition: AbstractOptimalityCondition, wrap: Callable[[Callable[..., Any]], Callable[..., Any]]
+) -> AbstractOptimalityCondition | None:
+    """The same built-in condition with each user function `fn` replaced by `wrap(fn)`; None
+    for a user-written condition, whose functions implicitfn does not know."""
+    if type(condition) is Stationarity:
+        loss = condition.loss
+        if isinstance(loss, CompositeLoss):
+            return dataclasses.replace(
+                condition,
+                loss=CompositeLoss(
+                    predict=wrap(loss.predict),
+                    output_loss=wrap(loss.output_loss),
+                    penalty=None if loss.penalty is None else wrap(loss.penalty),
+                ),
+            )
+        return dataclasses.replace(condition, loss=wrap(loss))
+    if type(condition) is FixedPointCondition:
+        return FixedPointCondition(wrap(condition.mapping))
+    if type(condition) is RootCondition:
+        return RootCondition(wrap(condition.function), condition.symmetric)
+    return None
+
+
+def bind_keywords(
+    condition: AbstractOptimalityCondition, names: tuple[str, ...]
+) -> AbstractOptimalityCondition:
+    """The same condition taking the keyword arguments `names` as its last positional ones."""
+    if not names:
+        return condition
+    bound = map_functions(condition, lambda fn: KeywordsLast(fn, names))
+    if bound is None:
+        raise TypeError(
+            f"keyword arguments {list(names)}: {type(condition).__name__} is not a built-in "
+            "condition, so implicitfn cannot pass them to it; pass them positionally."
+        )
+    return bound
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SameDraws:
+    """`fn` evaluated with the global RNGs set to one saved state, which they keep afterwards.
+
+    A training loss with dropout or random augmentation draws new numbers at each evaluation,
+    so the products of one backward pass would see different random operators. The backward
+    pass wraps the condition's functions in this, so that every evaluation in it sees the same
+    draws (torch.func's `randomness="same"`, across evaluations), and the user's random stream
+    does not move.
+    """
+
+    fn: Callable[..., Any]
+    cpu: torch.Tensor
+    cuda: tuple[torch.Tensor, ...]
+
+    @classmethod
+    def now(cls, fn: Callable[..., Any]) -> SameDraws:
+        cuda = tuple(torch.cuda.get_rng_state_all()) if torch.cuda.is_initialized() else ()
+        return cls(fn, torch.random.get_rng_state(), cuda)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with torch.random.fork_rng(devices=range(len(self.cuda))):
+            torch.random.set_rng_state(self.cpu)
+            if self.cuda:
+                torch.cuda.set_rng_state_all(list(self.cuda))
+            return self.fn(*args, **kwargs)
+
+
+def with_same_draws(condition: AbstractOptimalityCondition) -> AbstractOptimalityCondition:
+    """`condition` with every evaluation drawing the random numbers of this moment (see
+    `SameDraws`); a user-written condition is returned as it is."""
+    wrapped = map_functions(condition, SameDraws.now)
+    return condition if wrapped is None else wrapped
+
+
 def on_leaves(
     condition: AbstractOptimalityCondition, spec: pytree.TreeSpec
 ) -> AbstractOptimalityCondition | None:
@@ -220,16 +332,17 @@ def on_leaves(
         loss = condition.loss
         if isinstance(loss, CompositeLoss):
             penalty = loss.penalty
-            return Stationarity(
-                CompositeLoss(
+            return dataclasses.replace(
+                condition,
+                loss=CompositeLoss(
                     predict=lambda flat, *rest: loss.predict(tree(flat), *rest),
                     output_loss=loss.output_loss,
                     penalty=None
                     if penalty is None
                     else lambda flat, *rest: penalty(tree(flat), *rest),
-                )
+                ),
             )
-        return Stationarity(lambda flat, *rest: loss(tree(flat), *rest))
+        return dataclasses.replace(condition, loss=lambda flat, *rest: loss(tree(flat), *rest))
     if type(condition) is FixedPointCondition:
         return FixedPointCondition(flat_output(condition.mapping))
     if type(condition) is RootCondition:
@@ -315,8 +428,11 @@ def linearize_reverse(
     hparams: Tree,
     args: Sequence[Any],
     selected: Sequence[bool],
-) -> tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], list[Any]]]:
-    r"""$u \mapsto A^\top u$ and $u \mapsto B^\top u$ from one linearisation of $F$ in $(w, \lambda)$.
+) -> tuple[
+    Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], list[Any]], torch.Tensor
+]:
+    r"""$u \mapsto A^\top u$, $u \mapsto B^\top u$ and the value $F(w, \lambda)$ (raveled),
+    from one linearisation of $F$ in $(w, \lambda)$.
 
     The exact (reverse-over-reverse) reverse pass needs both products of the same Jacobian;
     linearising $F$ once instead of once per product type saves one evaluation of $F$ (for
@@ -342,10 +458,11 @@ def linearize_reverse(
 
     vector = ravel_leaves(params)
     if not plain_autograd([*params, *primals]):
-        _, pullback = vjp(raveled, vector, *primals)
+        value, pullback = vjp(raveled, vector, *primals)
         return (
             lambda u: pullback(u)[0],
             lambda u: _scatter(pullback(u)[1:], positions, len(flat)),
+            value,
         )
 
     with torch.enable_grad():
@@ -373,6 +490,7 @@ def linearize_reverse(
     return (
         lambda u: pull(u, [vector])[0],
         lambda u: _scatter(pull(u, chosen), positions, len(flat)),
+        residual.detach(),
     )
 
 

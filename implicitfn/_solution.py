@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import os
+import sys
+import warnings
 from typing import Any
 
 import torch
@@ -16,7 +19,13 @@ import torch.utils._pytree as pytree
 
 from implicitfn._tree import leaves
 
-__all__ = ["ImplicitSolveError", "ImplicitSolveWarning", "Outcome", "SolveInfo"]
+__all__ = [
+    "ImplicitSolveError",
+    "ImplicitSolveWarning",
+    "InnerSolutionWarning",
+    "Outcome",
+    "SolveInfo",
+]
 
 
 class Outcome(enum.IntEnum):
@@ -84,9 +93,14 @@ class SolveInfo:
     - `num_steps`: operator products the method spent: iterations, the product of a warm start's
       initial residual, and probes, sketch or power-iteration steps; not the final residual check.
     - `solver`: the name of the solver that produced it.
+    - `optimality_norm`, `optimality_scale`: set by [`ImplicitAdjoint`][implicitfn.ImplicitAdjoint]
+      (None from a bare solve): $\lVert F(w^*, \lambda)\rVert$, how far the point the inner
+      solver returned is from satisfying the optimality condition (the implicit function theorem
+      assumes 0), and $\lVert A w^*\rVert$, the size of $F$'s linear part, which it is
+      compared against.
 
     **Properties:** `successful` (the tolerance was met), `failed` (see below),
-    `relative_residual`.
+    `relative_residual`, `relative_optimality` (`optimality_norm / optimality_scale`).
 
     ```python
     >>> import torch, implicitfn
@@ -106,6 +120,8 @@ class SolveInfo:
     tolerance: torch.Tensor
     num_steps: torch.Tensor
     solver: str = ""
+    optimality_norm: torch.Tensor | None = None
+    optimality_scale: torch.Tensor | None = None
 
     @property
     def successful(self) -> torch.Tensor:
@@ -129,6 +145,15 @@ class SolveInfo:
         """`residual_norm / rhs_norm` (0 when the right-hand side and the residual are 0)."""
         return self.residual_norm / torch.clamp(
             self.rhs_norm, min=torch.finfo(self.rhs_norm.dtype).tiny
+        )
+
+    @property
+    def relative_optimality(self) -> torch.Tensor | None:
+        """`optimality_norm / optimality_scale`, or None when the adjoint did not measure it."""
+        if self.optimality_norm is None or self.optimality_scale is None:
+            return None
+        return self.optimality_norm / torch.clamp(
+            self.optimality_scale, min=torch.finfo(self.optimality_scale.dtype).tiny
         )
 
     def outcome_names(self) -> list[str]:
@@ -159,18 +184,22 @@ class SolveInfo:
         )
 
 
-def _flatten(info: SolveInfo) -> tuple[list[torch.Tensor], str]:
-    return [
-        info.outcome,
-        info.residual_norm,
-        info.rhs_norm,
-        info.tolerance,
-        info.num_steps,
-    ], info.solver
+_TENSOR_FIELDS = ("outcome", "residual_norm", "rhs_norm", "tolerance", "num_steps")
+_OPTIONAL_FIELDS = ("optimality_norm", "optimality_scale")
 
 
-def _unflatten(children: Any, solver: str) -> SolveInfo:
-    return SolveInfo(*children, solver=solver)
+def _flatten(info: SolveInfo) -> tuple[list[torch.Tensor], tuple[str, tuple[str, ...]]]:
+    """The tensors as children; the solver's name and which optional fields are set as context
+    (a None child would be a leaf of its own to torch's pytree)."""
+    present = tuple(name for name in _OPTIONAL_FIELDS if getattr(info, name) is not None)
+    children = [getattr(info, name) for name in (*_TENSOR_FIELDS, *present)]
+    return children, (info.solver, present)
+
+
+def _unflatten(children: Any, context: tuple[str, tuple[str, ...]]) -> SolveInfo:
+    solver, present = context
+    values = dict(zip((*_TENSOR_FIELDS, *present), children, strict=True))
+    return SolveInfo(**values, solver=solver)
 
 
 # A pytree, so that solves can return it from inside torch.func.vmap.
@@ -208,6 +237,42 @@ class ImplicitSolveWarning(RuntimeWarning):
     True
     ```
     """
+
+
+class InnerSolutionWarning(RuntimeWarning):
+    r"""The inner solver returned a point far from satisfying the optimality condition.
+
+    Issued by [`ImplicitAdjoint`][implicitfn.ImplicitAdjoint] when
+    $\lVert F(w^*, \lambda)\rVert > $ `inner_rtol` $\cdot \lVert A w^*\rVert$: the implicit
+    function theorem assumes $F = 0$ there, so the hypergradient is biased. The numbers are in
+    the message and in [`SolveInfo`][implicitfn.SolveInfo] (`relative_optimality`).
+
+    ```python
+    >>> import implicitfn
+    >>> issubclass(implicitfn.InnerSolutionWarning, RuntimeWarning)
+    True
+    ```
+    """
+
+
+def warn_at_caller(message: str, category: type[Warning]) -> None:
+    """Warn with the location of the first frame outside implicitfn and torch: the user's call
+    (their `.backward()`, `hypergradient(...)` or decorated function), not a library line."""
+    skipped = (os.path.dirname(__file__) + os.sep, os.path.dirname(torch.__file__) + os.sep)
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename.startswith(skipped):
+        frame = frame.f_back
+    if frame is None:  # called from no user code at all (an autograd engine thread, say)
+        warnings.warn(message, category, stacklevel=2)
+        return
+    warnings.warn_explicit(
+        message,
+        category,
+        frame.f_code.co_filename,
+        frame.f_lineno,
+        module=frame.f_globals.get("__name__", "__main__"),
+        registry=frame.f_globals.setdefault("__warningregistry__", {}),
+    )
 
 
 def under_transform() -> bool:

@@ -71,3 +71,67 @@ def ridge_data(n=40, d=5, dtype=torch.float64, seed=0):
 
 def td(**tensors) -> TensorDict:
     return TensorDict(tensors)
+
+
+def ravel_tree(tree):
+    """`(vector, unravel)`: the tensor leaves of any pytree (tensor, tuple, list, dict,
+    TensorDict; None leaves kept) as one float64 vector, and its inverse. Written with
+    torch's pytree only, so that the dense oracles below share no code with implicitfn."""
+    flat, spec = pytree.tree_flatten(tree)
+    tensors = [leaf for leaf in flat if isinstance(leaf, torch.Tensor)]
+    vector = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in tensors])
+
+    def unravel(v):
+        leaves, start = [], 0
+        for leaf in flat:
+            if isinstance(leaf, torch.Tensor):
+                leaves.append(v[start : start + leaf.numel()].reshape(leaf.shape))
+                start += leaf.numel()
+            else:
+                leaves.append(leaf)
+        return pytree.tree_unflatten(leaves, spec)
+
+    return vector, unravel
+
+
+def forward_over_reverse_hessian(fn):
+    """`jacfwd(grad(fn))`, the Hessian in its first argument. `torch.func.hessian` is
+    `jacfwd(jacrev(fn))`; measured with torch 2.13, its inner `vmap` makes the mixed
+    (BatchNorm weight, BatchNorm input) block wrong (not even symmetric) for `batch_norm` in
+    training mode, while `jacfwd(grad)`, `jacrev(grad)` and plain autograd agree."""
+    return torch.func.jacfwd(torch.func.grad(fn))
+
+
+def dense_implicit_hypergradient(
+    train_loss, outer_loss, solution, inputs, hessian=None, matrix=None
+):
+    r"""The implicit function theorem with dense float64 matrices, at `solution`:
+    $\frac{dL_V}{dz} = \frac{\partial L_V}{\partial z} - B^\top H^{-1} \frac{\partial L_V}{\partial w}$,
+    $H = \nabla^2_w L_T$ (`torch.func.hessian` on the raveled params, or `hessian(fn)`, or the
+    given `matrix` in the order of `ravel_tree(solution)`: a Gauss-Newton matrix, say),
+    $B = \partial^2 L_T / \partial w\, \partial z$ (`torch.func.jacrev` of the gradient).
+
+    `train_loss(w, z)` and `outer_loss(w, z)` take the params tree and the tree `z` of inputs
+    to differentiate (hyperparameters, data); the result has the structure of `inputs`.
+    """
+    w, unravel_w = ravel_tree(solution)
+    z, unravel_z = ravel_tree(inputs)
+
+    def train(w_, z_):
+        return train_loss(unravel_w(w_), unravel_z(z_))
+
+    def outer(w_, z_):
+        return outer_loss(unravel_w(w_), unravel_z(z_))
+
+    if matrix is None:
+        matrix = (torch.func.hessian if hessian is None else hessian)(train)(w, z)
+    mixed = torch.func.jacrev(torch.func.grad(train), argnums=1)(w, z)  # (n_w, n_z)
+    outer_w, outer_z = torch.func.grad(outer, argnums=(0, 1))(w, z)
+    return unravel_z(outer_z - mixed.T @ torch.linalg.solve(matrix, outer_w))
+
+
+def relative_error(actual, expected) -> float:
+    """`||actual - expected|| / ||expected||` over all tensor leaves of two trees, in float64."""
+    a, _ = ravel_tree(actual)
+    e, _ = ravel_tree(expected)
+    return float(torch.linalg.vector_norm(a - e) / torch.linalg.vector_norm(e))

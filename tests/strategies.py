@@ -111,3 +111,127 @@ def linear_solvers(draw, kind: str):
         return implicitfn.Dense(rtol=tolerances["rtol"] or 1e-12, atol=tolerances["atol"])
     assert kind == "Identity", kind
     return implicitfn.Identity(**tolerances)
+
+
+@st.composite
+def prox_points(draw, min_size: int = 1, max_size: int = 8, dtype=torch.float64):
+    """(z, strengths, step): a point for a prox or projection, one positive strength per
+    coordinate (in [0.1, 1.1]) and a step; tests `assume` their distance from the kinks."""
+    size = draw(st.integers(min_size, max_size))
+    seed = draw(st.integers(0, 2**16))
+    step = draw(st.sampled_from([0.1, 0.5, 1.0]))
+    gen = torch.Generator().manual_seed(seed)
+    z = 2 * torch.randn(size, generator=gen, dtype=dtype)
+    strengths = 0.1 + torch.rand(size, generator=gen, dtype=dtype)
+    return z, strengths, step
+
+
+# -- user programs (issue 16): pytree structures, small modules, inner solvers, calling styles ----
+
+# Containers a user may pass as params or hparams; a TensorDict holds tensors and TensorDicts only.
+PYTREE_KINDS = ("tensor", "tuple", "list", "dict", "tensordict")
+# How the inner solver is written: torch.optim on the copies it is given, in place (the torch
+# habit), a pure function that builds a new tree, or implicitfn.minimize in one line.
+INNER_SOLVERS = ("lbfgs-in-place", "sgd-in-place", "functional-newton", "minimize")
+# How the decorated function is called: every data argument positional, the last one as a
+# keyword, or all of them as keywords.
+CALL_STYLES = ("positional", "last-keyword", "all-keywords")
+
+
+@st.composite
+def leaf_shapes(draw, max_size: int = 2):
+    return tuple(draw(st.lists(st.integers(1, max_size), min_size=0, max_size=2)))
+
+
+@st.composite
+def pytree_structures(draw, depth: int = 2, max_children: int = 3, inside_tensordict: bool = False):
+    """A nested description of a pytree: `("tensor", shape)` or `(kind, [children])` with kind
+    in `PYTREE_KINDS`; containers are never empty, and inside a TensorDict only tensors and
+    TensorDicts occur. Build it with `build_pytree`."""
+    kinds = ("tensor", "tensordict") if inside_tensordict else PYTREE_KINDS
+    kind = draw(st.sampled_from(kinds if depth > 0 else ("tensor",)))
+    if kind == "tensor":
+        return ("tensor", draw(leaf_shapes()))
+    count = draw(st.integers(1, max_children))
+    children = [
+        draw(
+            pytree_structures(
+                depth=depth - 1,
+                max_children=max_children,
+                inside_tensordict=inside_tensordict or kind == "tensordict",
+            )
+        )
+        for _ in range(count)
+    ]
+    return (kind, children)
+
+
+def pytree_size(structure) -> int:
+    """The number of scalars in a tree of the drawn structure."""
+    kind, content = structure
+    if kind == "tensor":
+        return int(torch.Size(content).numel())
+    return sum(pytree_size(child) for child in content)
+
+
+def build_pytree(structure, make):
+    """The tree of the drawn structure, with leaves `make(shape)`, in the containers drawn."""
+    kind, content = structure
+    if kind == "tensor":
+        return make(content)
+    children = [build_pytree(child, make) for child in content]
+    if kind == "tuple":
+        return tuple(children)
+    if kind == "list":
+        return children
+    named = {f"k{i}": child for i, child in enumerate(children)}
+    return TensorDict(named) if kind == "tensordict" else named
+
+
+@st.composite
+def pytree_programs(draw, max_params: int = 10, max_hparams: int = 6):
+    """A user program on random pytrees: regularised logistic regression whose weights live in
+    a params tree of the drawn structure and whose per-weight penalties come from an hparams
+    tree of another structure, with example weights as a differentiable data argument.
+
+    Returns a dict: `params` and `hparams` structures, `with_none` (an extra None entry in
+    hparams and a None data argument, passed through), `solver` (in `INNER_SOLVERS`), `call`
+    (in `CALL_STYLES`) and `seed`."""
+    params = draw(pytree_structures().filter(lambda s: 1 <= pytree_size(s) <= max_params))
+    hparams = draw(pytree_structures().filter(lambda s: 1 <= pytree_size(s) <= max_hparams))
+    solver = draw(st.sampled_from(INNER_SOLVERS))
+    # minimize(loss, params, hparams, *args) takes the data positionally.
+    call = "positional" if solver == "minimize" else draw(st.sampled_from(CALL_STYLES))
+    return {
+        "params": params,
+        "hparams": hparams,
+        "with_none": draw(st.booleans()),
+        "solver": solver,
+        "call": call,
+        "seed": draw(st.integers(0, 2**16)),
+    }
+
+
+@st.composite
+def module_programs(draw):
+    """A small classifier `torch.nn.Sequential` and how a user trains and differentiates it.
+
+    Returns a dict: `hidden` (widths of 1 or 2 tanh layers), `batch_norm` (a BatchNorm1d after
+    each hidden Linear), `dropout` (None, or the mode of the Dropout layer in the condition:
+    "off" (eval mode; the inner solver trains with it off too) or "on" (the training loss
+    draws masks; the backward pass sees one draw)), `curvature` ("hessian" or "gauss-newton"),
+    `per_layer` (one weight decay per parameter tensor, or one for all), `solver`
+    ("lbfgs-in-place" or "minimize"), `call` (in `CALL_STYLES`) and `seed`."""
+    hidden = draw(st.lists(st.integers(2, 4), min_size=1, max_size=2))
+    dropout = draw(st.sampled_from([None, "off", "on"]))
+    solver = draw(st.sampled_from(["lbfgs-in-place", "minimize"]))
+    return {
+        "hidden": hidden,
+        "batch_norm": draw(st.booleans()),
+        "dropout": dropout,
+        "curvature": draw(st.sampled_from(["hessian", "gauss-newton"])),
+        "per_layer": draw(st.booleans()),
+        "solver": solver,
+        "call": "positional" if solver == "minimize" else draw(st.sampled_from(CALL_STYLES)),
+        "seed": draw(st.integers(0, 2**16)),
+    }

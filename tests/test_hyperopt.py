@@ -52,7 +52,7 @@ def make_loop(inner=SGD, outer=ADAM, **overrides):
         inner_optimizer=inner,
         outer_optimizer=outer,
         inner_steps=30,
-        adjoint=implicitfn.ImplicitAdjoint(solver=implicitfn.CG(max_steps=20)),
+        adjoint=implicitfn.ImplicitAdjoint(solver=implicitfn.CG(max_steps=20), inner_rtol=None),
         train_metrics={"mse": val_loss},
         val_metrics={"mse": val_loss},
     )
@@ -170,9 +170,9 @@ def test_history_plot_is_saved(tmp_path):
 def test_unconverged_backward_solve_raises_or_is_recorded():
     truncated = implicitfn.CG(max_steps=1, rtol=1e-14)
     with pytest.raises(implicitfn.ImplicitSolveError):
-        loop = make_loop(adjoint=implicitfn.ImplicitAdjoint(solver=truncated))
+        loop = make_loop(adjoint=implicitfn.ImplicitAdjoint(solver=truncated, inner_rtol=None))
         loop.step(init_state(loop))
-    loop = make_loop(adjoint=implicitfn.ImplicitAdjoint(solver=truncated, on_failure="warn"))
+    loop = make_loop(adjoint=implicitfn.ImplicitAdjoint(solver=truncated, on_failure="warn", inner_rtol=None))
     state = init_state(loop)
     with pytest.warns(implicitfn.ImplicitSolveWarning):
         record = loop.step(state)

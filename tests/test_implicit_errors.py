@@ -43,14 +43,25 @@ def test_non_scalar_loss():
         w["w"].sum().backward()
 
 
-@pytest.mark.parametrize("hparams", [[1.0, 2.0], 3.0, "lam"])
-def test_hparams_of_the_wrong_type(hparams):
-    with pytest.raises(TypeError, match="hparams: expected a TensorDict"):
+@pytest.mark.parametrize(
+    ("hparams", "message"),
+    [
+        (
+            [1.0, 2.0],
+            r"hparams\[0\]: a Python float cannot be differentiated; pass torch.tensor\(1.0\)",
+        ),
+        (3.0, r"hparams: a Python float cannot be differentiated; pass torch.tensor\(3.0\)"),
+        ({"penalty": 0.1}, r"hparams\['penalty'\]: a Python float"),
+        ("lam", r"hparams: expected a tensor, got str"),
+    ],
+)
+def test_hparams_of_the_wrong_type(hparams, message):
+    with pytest.raises(TypeError, match=message):
         ridge_inner(implicitfn.CG())(PARAMS, hparams, X, Y)
 
 
 def test_integer_hparams():
-    with pytest.raises(TypeError, match="hparams: leaves must be floating point"):
+    with pytest.raises(TypeError, match=r"hparams\['penalty'\]: must be floating point"):
         ridge_inner(implicitfn.CG())(PARAMS, {"penalty": torch.ones(3, dtype=torch.int64)}, X, Y)
 
 
@@ -169,7 +180,8 @@ def test_non_convergence_under_vmap_still_raises():
 
 def test_nan_is_never_returned_even_with_warn():
     def train_loss(params, hparams, x, y):
-        return ridge_loss(params, hparams, x, y) * hparams["scale"]
+        # sqrt(s) at s = 0: F = dL/dw is finite, but its derivative in s is infinite.
+        return ridge_loss(params, hparams, x, y) + hparams["s"].sqrt() * (params["w"] ** 2).sum()
 
     @implicitfn.implicit_diff(
         implicitfn.stationarity(train_loss),
@@ -178,9 +190,16 @@ def test_nan_is_never_returned_even_with_warn():
     def inner(params, hparams, x, y):
         return TensorDict({"w": ridge_solution(hparams["penalty"], x, y)})
 
-    scale = torch.tensor(float("inf"), dtype=torch.float64, requires_grad=True)
-    w = inner(PARAMS, TensorDict({"penalty": HPARAMS["penalty"], "scale": scale}), X, Y)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with pytest.raises((implicitfn.ImplicitSolveError, ValueError)):
-            w["w"].sum().backward()
+    s = torch.tensor(0.0, dtype=torch.float64, requires_grad=True)
+    w = inner(PARAMS, TensorDict({"penalty": HPARAMS["penalty"], "s": s}), X, Y)
+    with pytest.raises(implicitfn.ImplicitSolveError, match=r"gradient for hparams\['s'\] is NaN"):
+        w["w"].sum().backward()
+    assert s.grad is None
+    # NaN/Inf in the inputs themselves is named before any computing.
+    inf = torch.tensor(float("inf"), dtype=torch.float64)
+    bad = TensorDict({"penalty": HPARAMS["penalty"], "s": inf})
+    with pytest.raises(ValueError, match=r"hparams\['s'\]: contains NaN or Inf"):
+        inner(PARAMS, bad, X, Y)
+    good = TensorDict({"penalty": HPARAMS["penalty"], "s": s})
+    with pytest.raises(ValueError, match=r"args\[1\]: contains NaN or Inf"):
+        inner(PARAMS, good, X, Y * float("nan"))

@@ -79,6 +79,7 @@ def make_adapt(curvature, record):
             solver=implicitfn.CG(max_steps=80, rtol=1e-11),
             curvature=curvature,
             callback=lambda info: record["solves"].append(info),
+            inner_rtol=None,  # a fixed number of adaptation steps, as in iMAML
         ),
     )
     def adapt(params, hparams, x, y):

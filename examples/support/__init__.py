@@ -149,7 +149,9 @@ def hyper_optimizer(
         outer_optimizer=functools.partial(torch.optim.Adam, lr=args.hyper_lr),
         inner_steps=args.inner_steps,
         adjoint=implicitfn.ImplicitAdjoint(
-            solver=implicitfn.CG(max_steps=cg_steps, rtol=cg_rtol), curvature=curvature
+            solver=implicitfn.CG(max_steps=cg_steps, rtol=cg_rtol),
+            curvature=curvature,
+            inner_rtol=None,  # T inner steps per hyper step: approximate by design
         ),
         train_metrics=train_metrics or {"accuracy": batch_accuracy},
         val_metrics={"accuracy": batch_accuracy},

@@ -17,7 +17,8 @@ class History:
     [`HyperOptimizer`][implicitfn.hyperopt.HyperOptimizer], `inner_gradient_norm`
     ($\lVert\nabla_w L_T\rVert$: how far the inner problem is from stationarity, the implicit
     function theorem's premise), `hypergradient_norm`, and the backward solve's
-    `relative_residual`, `outcome` (its name), `solve_failed` and `solve_steps` (see
+    `relative_residual`, `outcome` (its name), `solve_failed` and `solve_steps`, and the inner
+    solution's `relative_optimality` (see
     [`SolveInfo`][implicitfn.SolveInfo]; absent with an unrolled adjoint).
     Records hold plain Python numbers, so a history is saved with the run.
 

@@ -1,6 +1,5 @@
 """Misuse is refused before any solve; numerical failure is raised or warned, never returned."""
 
-import warnings
 
 import pytest
 import torch

@@ -10,12 +10,12 @@ the hypergradient of the validation loss.
   against `LassoCV` / `ElasticNetCV` searching one global strength (and the l1 ratio) on the same
   validation split;
 - sparse logistic regression on breast_cancer (30 features; validation: log-loss), against
-  `LogisticRegressionCV(penalty="l1")`.
+  `LogisticRegressionCV` with an L1 penalty.
 
 Printed: the validation and test losses reached, the nonzero coefficients and the wall time of
 each; the plot shows the validation loss along the hyper steps and the learned penalties.
 
-    python examples/lasso_hypergradient.py            # full run, about a minute
+    python examples/lasso_hypergradient.py            # full run, about 20 s
     python examples/lasso_hypergradient.py --fast     # CI smoke run
 """
 

@@ -42,7 +42,8 @@ def equal_steps(setup: H.Setup, steps: int, rounds: int, bar: tqdm) -> list[str]
     """Rows of the equal-solver-and-steps table (markdown)."""
     alpha = 1.0 / setup.eigenvalue_max
     cg = implicitfn.CG(max_steps=steps, rtol=0)
-    neumann = implicitfn.Neumann(max_steps=steps, alpha=alpha)
+    # torchopt's Neumann series with maxiter=k sums k + 1 terms, as implicitfn's max_steps=k + 1.
+    neumann = implicitfn.Neumann(max_steps=steps + 1, alpha=alpha)
     gn = implicitfn.GaussNewton()
     solve_cg = torchopt.linear_solve.solve_cg(maxiter=steps, rtol=0.0)
     solve_ns = torchopt.linear_solve.solve_inv(ns=True, maxiter=steps, alpha=alpha)
@@ -106,7 +107,7 @@ def families(setup: H.Setup) -> dict[str, tuple[str, callable]]:
         "implicitfn CG, Gauss-Newton, Jacobi (4 probes)": ("implicitfn", cg(
             gn, preconditioner="jacobi", probes=4)),
         "implicitfn Neumann": ("implicitfn", lambda k: H.implicitfn_decorated(
-            setup, implicitfn.Neumann(max_steps=k, alpha=alpha))),
+            setup, implicitfn.Neumann(max_steps=k + 1, alpha=alpha))),  # k + 1 terms, as torchopt
     }  # fmt: skip
 
 

@@ -137,14 +137,10 @@ class DataParallel:
 class MeanOperator(AbstractWrappedOperator):
     r"""$\frac1R\sum_r A_r$: the rank's operator with every product averaged over ranks."""
 
-    operator: AbstractLinearOperator
     reduction: DataParallel
 
     def mv(self, vector: Tree) -> Tree:
         return self.reduction.mean(self.operator.mv(vector))
-
-    def transpose(self) -> AbstractLinearOperator:
-        return MeanOperator(self.operator.transpose(), self.reduction)
 
 
 def data_parallel(distributed: Any) -> DataParallel | None:

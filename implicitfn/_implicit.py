@@ -160,7 +160,7 @@ def implicit_diff(
     (`requires_grad_()` and a `torch.optim` optimiser, as usual): the caller's tensors are never
     modified, and its own autograd graph is not kept. Its result carries derivatives that
     `adjoint` computes at the returned point: by default the implicit function theorem,
-    $rac{dw^*}{d\lambda} = -A^{-1}B$ with $A = \partial F/\partial w$ and
+    $\frac{dw^*}{d\lambda} = -A^{-1}B$ with $A = \partial F/\partial w$ and
     $B = \partial F/\partial\lambda$ of the optimality condition $F(w^*, \lambda, \ldots) = 0$.
     Gradients reach `hparams` and every floating-point tensor in `*args` and `**kwargs`; none
     reach the initial `params`.

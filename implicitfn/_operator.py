@@ -131,8 +131,9 @@ class FunctionLinearOperator(AbstractLinearOperator):
         return FunctionLinearOperator(self.transpose_matvec, self.template, self.matvec, self.tags)
 
 
+@dataclasses.dataclass(frozen=True)
 class AbstractWrappedOperator(AbstractLinearOperator):
-    """An operator built on `self.operator`, sharing its structure and tags."""
+    """An operator built on `self.operator` (its first field), sharing its structure and tags."""
 
     operator: AbstractLinearOperator
 
@@ -144,19 +145,20 @@ class AbstractWrappedOperator(AbstractLinearOperator):
     def tags(self) -> frozenset[str]:  # type: ignore[override]
         return self.operator.tags
 
+    def transpose(self) -> AbstractLinearOperator:
+        r"""The same wrapper, its other fields kept, around $A^\top$: right for a wrapper that
+        commutes with transposition (a damping, an average over ranks); others override it."""
+        return dataclasses.replace(self, operator=self.operator.transpose())
+
 
 @dataclasses.dataclass(frozen=True)
 class DampedLinearOperator(AbstractWrappedOperator):
     r"""$A + \mu I$; made by [`damp`][implicitfn.damp]."""
 
-    operator: AbstractLinearOperator
     damping: float
 
     def mv(self, vector: Tree) -> Tree:
         return tree_axpy(self.damping, vector, self.operator.mv(vector))
-
-    def transpose(self) -> AbstractLinearOperator:
-        return DampedLinearOperator(self.operator.transpose(), self.damping)
 
     def as_matrix(self, chunk_size: int = 256) -> torch.Tensor:
         # The wrapped operator's own (possibly cheaper) matrix, plus mu I.
@@ -225,7 +227,6 @@ class ResamplingOperator(AbstractWrappedOperator):
     ```
     """
 
-    operator: AbstractLinearOperator
     linearize: Callable[..., AbstractLinearOperator]
 
     def __post_init__(self) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.utils._pytree as pytree
@@ -238,27 +238,35 @@ class KeywordsLast:
         return self.fn(first, hparams, *positional, **dict(zip(self.names, keywords, strict=True)))
 
 
+# What a user function of a built-in condition takes first and returns, for `map_functions`:
+# the params, giving a scalar or the model's outputs (a loss, `predict`, `penalty`); the model's
+# outputs (`output_loss`); the params, giving a tree like them (a fixed-point map, a root function).
+Role = Literal["of_params", "of_outputs", "params_to_params"]
+
+
 def map_functions(
-    condition: AbstractOptimalityCondition, wrap: Callable[[Callable[..., Any]], Callable[..., Any]]
+    condition: AbstractOptimalityCondition,
+    wrap: Callable[[Callable[..., Any], Role], Callable[..., Any]],
 ) -> AbstractOptimalityCondition | None:
-    """The same built-in condition with each user function `fn` replaced by `wrap(fn)`; None
-    for a user-written condition, whose functions implicitfn does not know."""
+    """The same built-in condition with each user function `fn` replaced by `wrap(fn, role)`
+    (`role`: see `Role`); None for a user-written condition, whose functions implicitfn does
+    not know."""
     if type(condition) is Stationarity:
         loss = condition.loss
         if isinstance(loss, CompositeLoss):
             return dataclasses.replace(
                 condition,
                 loss=CompositeLoss(
-                    predict=wrap(loss.predict),
-                    output_loss=wrap(loss.output_loss),
-                    penalty=None if loss.penalty is None else wrap(loss.penalty),
+                    predict=wrap(loss.predict, "of_params"),
+                    output_loss=wrap(loss.output_loss, "of_outputs"),
+                    penalty=None if loss.penalty is None else wrap(loss.penalty, "of_params"),
                 ),
             )
-        return dataclasses.replace(condition, loss=wrap(loss))
+        return dataclasses.replace(condition, loss=wrap(loss, "of_params"))
     if type(condition) is FixedPointCondition:
-        return FixedPointCondition(wrap(condition.mapping))
+        return FixedPointCondition(wrap(condition.mapping, "params_to_params"))
     if type(condition) is RootCondition:
-        return RootCondition(wrap(condition.function), condition.symmetric)
+        return RootCondition(wrap(condition.function, "params_to_params"), condition.symmetric)
     return None
 
 
@@ -268,7 +276,7 @@ def bind_keywords(
     """The same condition taking the keyword arguments `names` as its last positional ones."""
     if not names:
         return condition
-    bound = map_functions(condition, lambda fn: KeywordsLast(fn, names))
+    bound = map_functions(condition, lambda fn, role: KeywordsLast(fn, names))
     if bound is None:
         raise TypeError(
             f"keyword arguments {list(names)}: {type(condition).__name__} is not a built-in "
@@ -308,7 +316,7 @@ class SameDraws:
 def with_same_draws(condition: AbstractOptimalityCondition) -> AbstractOptimalityCondition:
     """`condition` with every evaluation drawing the random numbers of this moment (see
     `SameDraws`); a user-written condition is returned as it is."""
-    wrapped = map_functions(condition, SameDraws.now)
+    wrapped = map_functions(condition, lambda fn, role: SameDraws.now(fn))
     return condition if wrapped is None else wrapped
 
 
@@ -325,29 +333,14 @@ def on_leaves(
     def tree(flat: list[torch.Tensor]) -> Tree:
         return pytree.tree_unflatten(flat, spec)
 
-    def flat_output(fn: Callable[..., Tree]) -> Callable[..., list[torch.Tensor]]:
+    def on_flat(fn: Callable[..., Any], role: Role) -> Callable[..., Any]:
+        if role == "of_outputs":  # takes no params: as it is
+            return fn
+        if role == "of_params":
+            return lambda flat, *rest: fn(tree(flat), *rest)
         return lambda flat, *rest: pytree.tree_leaves(fn(tree(flat), *rest))
 
-    if type(condition) is Stationarity:
-        loss = condition.loss
-        if isinstance(loss, CompositeLoss):
-            penalty = loss.penalty
-            return dataclasses.replace(
-                condition,
-                loss=CompositeLoss(
-                    predict=lambda flat, *rest: loss.predict(tree(flat), *rest),
-                    output_loss=loss.output_loss,
-                    penalty=None
-                    if penalty is None
-                    else lambda flat, *rest: penalty(tree(flat), *rest),
-                ),
-            )
-        return dataclasses.replace(condition, loss=lambda flat, *rest: loss(tree(flat), *rest))
-    if type(condition) is FixedPointCondition:
-        return FixedPointCondition(flat_output(condition.mapping))
-    if type(condition) is RootCondition:
-        return RootCondition(flat_output(condition.function), condition.symmetric)
-    return None
+    return map_functions(condition, on_flat)
 
 
 def _selected_inputs(

@@ -402,20 +402,33 @@ class Box(AbstractProjection):
 
 
 @dataclasses.dataclass(frozen=True)
-class Simplex(AbstractProjection):
-    r"""Projection onto $\{w \ge 0, \sum w = r\}$; made by [`projection_simplex`][implicitfn.projection_simplex]."""
+class _RadiusProjection(AbstractProjection):
+    """A projection onto sets of radius $r$ (a hyperparameter), one set per vector along the
+    last dimension of z."""
 
     radius: Hyperparameter = 1.0
 
     def __post_init__(self) -> None:
         _check_spec(self.radius, "radius")
+
+    def _radius(self, z: torch.Tensor, hparams: Any, sets: str) -> torch.Tensor:
+        """The radius as a tensor, checked to broadcast to the `sets` of z (z.shape[:-1])."""
+        radius = _read(self.radius, hparams, "radius", z)
+        return _broadcasts(radius, z.shape[:-1], "radius", f"the {sets} (z.shape[:-1])")
+
+
+@dataclasses.dataclass(frozen=True)
+class Simplex(_RadiusProjection):
+    r"""Projection onto $\{w \ge 0, \sum w = r\}$; made by [`projection_simplex`][implicitfn.projection_simplex]."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         if isinstance(self.radius, (int, float)) and not self.radius > 0:
             raise ValueError(f"radius: must be > 0, got {self.radius}.")
 
     def project(self, z, hparams):
         _check_input(z, 1.0, "projection_simplex")
-        radius = _read(self.radius, hparams, "radius", z)
-        radius = _broadcasts(radius, z.shape[:-1], "radius", "the simplices (z.shape[:-1])")
+        radius = self._radius(z, hparams, "simplices")
         # Held, Wolfe and Crowder (1974); Duchi et al. (2008): the threshold tau from the sorted
         # values. tau is a mean over the support, so autograd gives the Jacobian
         # diag(1_S) - 1_S 1_S^T / |S| and d/dr = 1_S / |S|.
@@ -431,18 +444,12 @@ class Simplex(AbstractProjection):
 
 
 @dataclasses.dataclass(frozen=True)
-class L2Ball(AbstractProjection):
+class L2Ball(_RadiusProjection):
     r"""Projection onto $\{\lVert w\rVert_2 \le r\}$; made by [`projection_l2_ball`][implicitfn.projection_l2_ball]."""
-
-    radius: Hyperparameter = 1.0
-
-    def __post_init__(self) -> None:
-        _check_spec(self.radius, "radius")
 
     def project(self, z, hparams):
         _check_input(z, 1.0, "projection_l2_ball")
-        radius = _read(self.radius, hparams, "radius", z)
-        radius = _broadcasts(radius, z.shape[:-1], "radius", "the balls (z.shape[:-1])")
+        radius = self._radius(z, hparams, "balls")
         norms, positive = _safe_norm((z * z).sum(dim=-1))
         scale = torch.where(positive & (norms > radius), radius / norms, torch.ones_like(norms))
         return z * scale[..., None]

@@ -1,4 +1,5 @@
-"""Shared test helpers: tolerances by dtype, tree comparison, solver lists, problems."""
+"""Shared test helpers: tolerances by dtype, tree comparison, solver lists, problems, the
+caller's tensors left untouched, inner solvers written the torch.optim way."""
 
 from __future__ import annotations
 
@@ -135,3 +136,74 @@ def relative_error(actual, expected) -> float:
     a, _ = ravel_tree(actual)
     e, _ = ravel_tree(expected)
     return float(torch.linalg.vector_norm(a - e) / torch.linalg.vector_norm(e))
+
+
+def snapshot(tree):
+    """(value, version counter, requires_grad) of every tensor leaf of `tree`, to check later
+    with `assert_untouched` that nothing of the caller's was changed."""
+    leaves = [t for t in pytree.tree_leaves(tree) if isinstance(t, torch.Tensor)]
+    return [(t.detach().clone(), t._version, t.requires_grad) for t in leaves]
+
+
+def assert_untouched(tree, before) -> None:
+    """No tensor of `tree` changed since `before = snapshot(tree)`: values, in-place writes and
+    requires_grad flags alike."""
+    after = snapshot(tree)
+    assert len(after) == len(before)
+    for (value, version, flag), (value0, version0, flag0) in zip(after, before, strict=True):
+        assert torch.equal(value, value0), "a tensor of the caller changed"
+        assert version == version0, "a tensor of the caller was modified in place"
+        assert flag == flag0, "requires_grad of a tensor of the caller changed"
+
+
+def storage(tree) -> set[int]:
+    """The storages of the tensor leaves of `tree`: `storage(a) & storage(b)` is empty when no
+    tensor of one aliases a tensor of the other."""
+    return {
+        t.untyped_storage().data_ptr()
+        for t in pytree.tree_leaves(tree)
+        if isinstance(t, torch.Tensor)
+    }
+
+
+def lbfgs_in_place(train_loss, max_iter=500, tolerance_grad=1e-10, tolerance_change=0.0):
+    """The torch.optim habit, as an inner solver to decorate: `fit(params, hparams, x, y)`
+    trains the TensorDict `params` it is given in place (requires_grad_, L-BFGS with a strong
+    Wolfe line search, closure, backward) and returns them detached."""
+
+    def fit(params, hparams, x, y):
+        params.requires_grad_()
+        optimizer = torch.optim.LBFGS(
+            params.values(True, True),
+            max_iter=max_iter,
+            tolerance_grad=tolerance_grad,
+            tolerance_change=tolerance_change,
+            line_search_fn="strong_wolfe",
+        )
+
+        def closure():
+            optimizer.zero_grad()
+            loss = train_loss(params, hparams, x, y)
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
+        return params.detach()
+
+    return fit
+
+
+def adam_in_place(train_loss, steps, lr=1e-2):
+    """As `lbfgs_in_place`, with `steps` full-batch steps of Adam (learning rate `lr`): on a
+    network, a point short of the optimum, as users get it."""
+
+    def fit(params, hparams, x, y):
+        params.requires_grad_()
+        optimizer = torch.optim.Adam(params.values(True, True), lr=lr)
+        for _ in range(steps):
+            optimizer.zero_grad()
+            train_loss(params, hparams, x, y).backward()
+            optimizer.step()
+        return params.detach()
+
+    return fit

@@ -63,6 +63,27 @@ def logistic_validation(params, hparams, x, y):
     return data + 1e-2 * (hparams["log_decay"] ** 2).sum()
 
 
+def logistic_start():
+    """(params, hparams) where the logistic problem starts: zero weights, zero log-decays."""
+    params = {"w": torch.zeros(5, dtype=DTYPE), "b": torch.zeros((), dtype=DTYPE)}
+    return params, {"log_decay": torch.zeros(5, dtype=DTYPE)}
+
+
+def logistic_hypergradient(params, hparams, data, adjoint):
+    """`implicitfn.hypergradient` of the logistic problem at `params`, on `data` = (x, y, x_val,
+    y_val) (this rank's shards when `adjoint` is distributed)."""
+    x, y, x_val, y_val = data
+    return implicitfn.hypergradient(
+        logistic_loss,
+        logistic_validation,
+        params,
+        hparams,
+        inner_args=(x, y),
+        outer_args=(x_val, y_val),
+        adjoint=adjoint,
+    )
+
+
 def mlp_data():
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(48, 3, generator=gen, dtype=DTYPE)
@@ -141,7 +162,7 @@ def scenarios(rank: int, world: int, distributed) -> dict[str, torch.Tensor]:
     out = {}
     average = averager(distributed)
     x, y, x_val, y_val = (shard(t, rank, world) for t in logistic_data())
-    start = {"w": torch.zeros(5, dtype=DTYPE), "b": torch.zeros((), dtype=DTYPE)}
+    start, _ = logistic_start()
 
     @implicitfn.implicit_diff(
         implicitfn.stationarity(logistic_loss),
@@ -169,14 +190,11 @@ def scenarios(rank: int, world: int, distributed) -> dict[str, torch.Tensor]:
         ("dense", implicitfn.Dense()),
         ("cg_jacobi", implicitfn.CG(preconditioner="jacobi", probes=4, rtol=1e-13)),
     ]:
-        gradient, info = implicitfn.hypergradient(
-            logistic_loss,
-            logistic_validation,
+        gradient, info = logistic_hypergradient(
             point,
             {"log_decay": log_decay.detach()},
-            inner_args=(x, y),
-            outer_args=(x_val, y_val),
-            adjoint=implicitfn.ImplicitAdjoint(solver=solver, distributed=distributed),
+            (x, y, x_val, y_val),
+            implicitfn.ImplicitAdjoint(solver=solver, distributed=distributed),
         )
         out[f"logistic/hypergradient {name}"] = gradient["log_decay"]
         out[f"logistic/hypergradient {name} steps"] = info.num_steps.to(DTYPE)
@@ -221,14 +239,9 @@ def scenarios(rank: int, world: int, distributed) -> dict[str, torch.Tensor]:
 def count_all_reduces(rank: int, world: int) -> dict[str, int]:
     """All-reduces of one `hypergradient` call with CG, and the solve's `num_steps`."""
     x, y, x_val, y_val = (shard(t, rank, world) for t in logistic_data())
-    params = newton(
-        logistic_loss,
-        {"w": torch.zeros(5, dtype=DTYPE), "b": torch.zeros((), dtype=DTYPE)},
-        {"log_decay": torch.zeros(5, dtype=DTYPE)},
-        x,
-        y,
-        averager(True),
-    )
+    start, hparams = logistic_start()
+    params = newton(logistic_loss, start, hparams, x, y, averager(True))
+    adjoint = implicitfn.ImplicitAdjoint(solver=implicitfn.CG(rtol=1e-12), distributed=True)
     calls = []
     all_reduce = dist.all_reduce
 
@@ -238,15 +251,7 @@ def count_all_reduces(rank: int, world: int) -> dict[str, int]:
 
     dist.all_reduce = counting
     try:
-        _, info = implicitfn.hypergradient(
-            logistic_loss,
-            logistic_validation,
-            params,
-            {"log_decay": torch.zeros(5, dtype=DTYPE)},
-            inner_args=(x, y),
-            outer_args=(x_val, y_val),
-            adjoint=implicitfn.ImplicitAdjoint(solver=implicitfn.CG(rtol=1e-12), distributed=True),
-        )
+        _, info = logistic_hypergradient(params, hparams, (x, y, x_val, y_val), adjoint)
     finally:
         dist.all_reduce = all_reduce
     return {"all_reduces": len(calls), "num_steps": int(info.num_steps)}
@@ -261,18 +266,8 @@ def failing_worker(rank: int, world: int, directory: pathlib.Path) -> None:
     """Rank 1 raises before the backward pass; rank 0 goes on and waits in an all-reduce."""
     if rank == 1:
         raise RuntimeError("rank 1 fails on purpose")
-    x, y, x_val, y_val = (shard(t, rank, world) for t in logistic_data())
-    params = {"w": torch.zeros(5, dtype=DTYPE), "b": torch.zeros((), dtype=DTYPE)}
-    hparams = {"log_decay": torch.zeros(5, dtype=DTYPE)}
-    implicitfn.hypergradient(
-        logistic_loss,
-        logistic_validation,
-        params,
-        hparams,
-        inner_args=(x, y),
-        outer_args=(x_val, y_val),
-        adjoint=implicitfn.ImplicitAdjoint(distributed=True),
-    )
+    data = tuple(shard(t, rank, world) for t in logistic_data())
+    logistic_hypergradient(*logistic_start(), data, implicitfn.ImplicitAdjoint(distributed=True))
 
 
 WORKERS = {"agreement": agreement_worker, "failing": failing_worker}
@@ -379,20 +374,13 @@ def test_distributed_argument_is_checked_before_computing():
     def inner(params, hparams, x, y):
         raise AssertionError("the inner solve must not run")
 
-    x, y, _, _ = logistic_data()
-    params = {"w": torch.zeros(5, dtype=DTYPE), "b": torch.zeros((), dtype=DTYPE)}
-    hparams = {"log_decay": torch.zeros(5, dtype=DTYPE)}
+    x, y, x_val, y_val = logistic_data()
+    params, hparams = logistic_start()
+    adjoint = implicitfn.ImplicitAdjoint(distributed=True)
     with pytest.raises(ValueError, match="init_process_group"):
         inner(params, hparams, x, y)
     with pytest.raises(ValueError, match="init_process_group"):
-        implicitfn.hypergradient(
-            logistic_loss,
-            logistic_validation,
-            params,
-            hparams,
-            inner_args=(x, y),
-            adjoint=implicitfn.ImplicitAdjoint(distributed=True),
-        )
+        logistic_hypergradient(params, hparams, (x, y, x_val, y_val), adjoint)
     with pytest.raises(ValueError, match="init_process_group"):
         implicitfn.all_reduce_gradients(hparams)
 

@@ -20,10 +20,15 @@ import torch
 import torch.nn.functional as F
 import torch.utils._pytree as pytree
 from helpers import (
+    adam_in_place,
+    assert_untouched,
     dense_implicit_hypergradient,
     forward_over_reverse_hessian,
+    lbfgs_in_place,
     ravel_tree,
     relative_error,
+    snapshot,
+    storage,
 )
 from sklearn import datasets
 from sklearn.datasets import load_digits
@@ -45,53 +50,6 @@ def digits(n_train: int, n_val: int, dtype=F64):
     y = torch.tensor(labels)
     end = n_train + n_val
     return x[:n_train], y[:n_train], x[n_train:end], y[n_train:end]
-
-
-def snapshot(tree):
-    """(values, version counters, requires_grad flags) of every tensor leaf of `tree`."""
-    leaves = [t for t in pytree.tree_leaves(tree) if isinstance(t, torch.Tensor)]
-    return (
-        [t.detach().clone() for t in leaves],
-        [t._version for t in leaves],
-        [t.requires_grad for t in leaves],
-    )
-
-
-def assert_untouched(tree, before) -> None:
-    values, versions, flags = snapshot(tree)
-    assert all(torch.equal(a, b) for a, b in zip(values, before[0], strict=True))
-    assert versions == before[1], "a tensor of the caller was modified in place"
-    assert flags == before[2], "requires_grad of a tensor of the caller changed"
-
-
-def storage(tree) -> set[int]:
-    return {t.untyped_storage().data_ptr() for t in pytree.tree_leaves(tree)}
-
-
-def lbfgs_in_place(train_loss, max_iter=500, tolerance_grad=1e-10):
-    """The torch.optim habit, as an inner solver to decorate: train the params it is given in
-    place (requires_grad_, optimiser, closure, backward) and return them detached."""
-
-    def fit(params, hparams, x, y):
-        params.requires_grad_()
-        optimizer = torch.optim.LBFGS(
-            params.values(True, True),
-            max_iter=max_iter,
-            tolerance_grad=tolerance_grad,
-            tolerance_change=0.0,
-            line_search_fn="strong_wolfe",
-        )
-
-        def closure():
-            optimizer.zero_grad()
-            loss = train_loss(params, hparams, x, y)
-            loss.backward()
-            return loss
-
-        optimizer.step(closure)
-        return params.detach()
-
-    return fit
 
 
 def weight_decay(params):
@@ -261,16 +219,9 @@ def mlp_trained_with_adam(adjoint=None):
     def val_loss(params, x, y):
         return F.cross_entropy(apply(params, x), y)
 
-    @implicitfn.implicit_diff(implicitfn.stationarity(train_loss), adjoint=adjoint)
-    def fit(params, log_decay, x, y):
-        params.requires_grad_()
-        optimizer = torch.optim.Adam(params.values(True, True), lr=1e-2)
-        for _ in range(1000):
-            optimizer.zero_grad()
-            train_loss(params, log_decay, x, y).backward()
-            optimizer.step()
-        return params.detach()
-
+    fit = implicitfn.implicit_diff(implicitfn.stationarity(train_loss), adjoint=adjoint)(
+        adam_in_place(train_loss, steps=1000)
+    )
     log_decay = {
         name: torch.tensor(math.log(1e-3), dtype=F64, requires_grad=True)
         for name, _ in net.named_parameters()
@@ -427,16 +378,9 @@ def test_case4_dropout_in_the_training_loss_gives_one_operator_per_backward_pass
         solver=implicitfn.MINRES(max_steps=2000, rtol=1e-11), inner_rtol=None
     )
 
-    @implicitfn.implicit_diff(implicitfn.stationarity(train_loss), adjoint=adjoint)
-    def fit(params, hparams, x, y):
-        params.requires_grad_()
-        optimizer = torch.optim.Adam(params.values(True, True), lr=1e-2)
-        for _ in range(200):
-            optimizer.zero_grad()
-            train_loss(params, hparams, x, y).backward()
-            optimizer.step()
-        return params.detach()
-
+    fit = implicitfn.implicit_diff(implicitfn.stationarity(train_loss), adjoint=adjoint)(
+        adam_in_place(train_loss, steps=200)
+    )
     decay = torch.tensor(0.1, dtype=F64, requires_grad=True)
     w = fit(params, {"decay": decay}, x, y)
     val = F.cross_entropy(evaluate(w, x_val), y_val)
@@ -476,21 +420,6 @@ def logistic_fit(train_loss):
     return implicitfn.implicit_diff(implicitfn.stationarity(train_loss))(lbfgs_in_place(train_loss))
 
 
-def adam_in_place(train_loss, steps):
-    """An inner solver that trains the params it is given with `steps` steps of Adam."""
-
-    def fit(params, hparams, x, y):
-        params.requires_grad_()
-        optimizer = torch.optim.Adam(params.values(True, True), lr=1e-2)
-        for _ in range(steps):
-            optimizer.zero_grad()
-            train_loss(params, hparams, x, y).backward()
-            optimizer.step()
-        return params.detach()
-
-    return fit
-
-
 def test_case5_nan_in_the_hyperparameters_is_named_before_any_computing():
     _, params, train_loss, _, (x, y, _, _) = logistic_regression(50, 10)
     calls = []
@@ -502,26 +431,22 @@ def test_case5_nan_in_the_hyperparameters_is_named_before_any_computing():
     assert not calls
 
 
-def test_case5_nan_in_the_data_is_named_by_the_argument():
+@pytest.mark.parametrize(
+    ("style", "name"), [("positional", r"args\[0\]"), ("keyword", r"(kwargs\['x'\]|x)")]
+)
+def test_case5_nan_in_the_data_is_named_as_the_user_passed_it(style, name):
+    """Passed by position, the data is `args[0]`; passed as x=..., it is named by its keyword
+    ("args[0]" would point at a positional argument that does not exist)."""
     _, params, train_loss, _, (x, y, _, _) = logistic_regression(50, 10)
     fit = logistic_fit(train_loss)
     hparams = {"decay": torch.tensor(1e-2, dtype=F64)}
     bad = x.clone()
     bad[3, 7] = float("nan")
-    with pytest.raises(ValueError, match=r"^args\[0\]: contains NaN or Inf"):
-        fit(params, hparams, bad, y)
-
-
-def test_case5_nan_in_keyword_data_is_named_by_its_keyword():
-    _, params, train_loss, _, (x, y, _, _) = logistic_regression(50, 10)
-    fit = logistic_fit(train_loss)
-    hparams = {"decay": torch.tensor(1e-2, dtype=F64)}
-    bad = x.clone()
-    bad[3, 7] = float("nan")
-    with pytest.raises(ValueError, match="contains NaN or Inf") as caught:
-        fit(params, hparams, x=bad, y=y)
-    # The user passed x=...: "args[0]" would point at a positional argument that does not exist.
-    assert re.match(r"(kwargs\['x'\]|x): contains NaN", str(caught.value)), str(caught.value)
+    with pytest.raises(ValueError, match=rf"^{name}: contains NaN or Inf"):
+        if style == "positional":
+            fit(params, hparams, bad, y)
+        else:
+            fit(params, hparams, x=bad, y=y)
 
 
 def test_case5_nan_in_the_outer_loss_is_named():

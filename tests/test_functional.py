@@ -13,7 +13,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import assert_trees_close, assert_unchanged, clone_tree
+from helpers import assert_trees_close, assert_unchanged, clone_tree, lbfgs_in_place
 from tensordict import TensorDict
 
 import implicitfn
@@ -224,24 +224,9 @@ def test_vmapped_curvature_products_equal_a_loop(batch_norm, curvature):
 
 def inner_solution(apply, params, hparams, x, y):
     """Minimise the training loss with L-BFGS on copies (the caller's tensors stay as they are)."""
-    loss = composite_loss(apply)
-    w = params.clone().requires_grad_()
-    optimiser = torch.optim.LBFGS(
-        list(w.values(True, True)),
-        max_iter=500,
-        tolerance_grad=1e-12,
-        tolerance_change=0,
-        line_search_fn="strong_wolfe",
+    return lbfgs_in_place(composite_loss(apply), tolerance_grad=1e-12)(
+        params.clone(), hparams, x, y
     )
-
-    def closure():
-        optimiser.zero_grad()
-        value = loss(w, hparams, x, y)
-        value.backward()
-        return value
-
-    optimiser.step(closure)
-    return w.detach()
 
 
 def dense_hypergradient(apply, solution, hparams, x, y, x_val, y_val, gauss_newton: bool):

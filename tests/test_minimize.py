@@ -48,13 +48,21 @@ def val_loss(params, x_val, y_val):
     return 0.5 * ((x_val @ params["w"] - y_val) ** 2).sum()
 
 
+def minimize_ridge(x, y, penalty=None, loss=ridge_loss, **options):
+    """`implicitfn.minimize` of the ridge problem on `x, y` from w = 0, at `penalty` (default:
+    ones), the start and penalty in the dtype and on the device of `x`."""
+    like = {"dtype": x.dtype, "device": x.device}
+    penalty = torch.ones(x.shape[1], **like) if penalty is None else penalty
+    start = {"w": torch.zeros(x.shape[1], **like)}
+    return implicitfn.minimize(loss, start, {"penalty": penalty}, x, y, **options)
+
+
 def hypergradient_through_minimize(penalty, x, y, x_val, y_val, **options):
     options.setdefault("adjoint", tight())
-    hparams = {"penalty": penalty.clone().requires_grad_()}
-    start = {"w": torch.zeros(x.shape[1], dtype=x.dtype)}
-    w = implicitfn.minimize(ridge_loss, start, hparams, x, y, **options)
+    penalty = penalty.clone().requires_grad_()
+    w = minimize_ridge(x, y, penalty, **options)
     val_loss(w, x_val, y_val).backward()
-    return w, hparams["penalty"].grad
+    return w, penalty.grad
 
 
 def dense_ift_hypergradient(train, outer, params, hparams, args, outer_args):
@@ -164,15 +172,7 @@ def test_hypergradients_reach_tensor_args_too():
     x, y, x_val, y_val = well_conditioned_ridge(seed=4)
     penalty = torch.ones(4, dtype=F64)
     y = y.clone().requires_grad_()
-    w = implicitfn.minimize(
-        ridge_loss,
-        {"w": torch.zeros(4, dtype=F64)},
-        {"penalty": penalty},
-        x,
-        y,
-        tol=1e-10,
-        adjoint=tight(),
-    )
+    w = minimize_ridge(x, y, penalty, tol=1e-10, adjoint=tight())
     val_loss(w, x_val, y_val).backward()
 
     def outer_of_y(labels):
@@ -188,9 +188,7 @@ def test_torch_func_grad_and_jvp_through_minimize():
     penalty = torch.linspace(0.5, 1.5, 4, dtype=F64)
 
     def outer(p):
-        start = {"w": torch.zeros(4, dtype=F64)}
-        w = implicitfn.minimize(ridge_loss, start, {"penalty": p}, x, y, tol=1e-10, adjoint=tight())
-        return val_loss(w, x_val, y_val)
+        return val_loss(minimize_ridge(x, y, p, tol=1e-10, adjoint=tight()), x_val, y_val)
 
     expected = ridge_hypergradient(penalty, x, y, x_val, y_val)
     torch.testing.assert_close(torch.func.grad(outer)(penalty), expected, rtol=1e-6, atol=1e-9)
@@ -205,9 +203,7 @@ def test_under_no_grad_the_loop_still_runs():
     x, y, _, _ = well_conditioned_ridge(seed=6)
     penalty = torch.ones(4, dtype=F64)
     with torch.no_grad():
-        w = implicitfn.minimize(
-            ridge_loss, {"w": torch.zeros(4, dtype=F64)}, {"penalty": penalty}, x, y
-        )
+        w = minimize_ridge(x, y, penalty)
     torch.testing.assert_close(w["w"], ridge_solution(penalty, x, y), rtol=0, atol=1e-7)
 
 
@@ -380,17 +376,7 @@ def test_not_reaching_the_tolerance_warns_at_the_callers_line():
 def test_not_reaching_the_tolerance_raises_on_request():
     x, y, _, _ = ridge_data(40, 5)
     with pytest.raises(implicitfn.MinimizeError, match="after max_steps=3 steps of adam") as caught:
-        implicitfn.minimize(
-            ridge_loss,
-            {"w": torch.zeros(5, dtype=F64)},
-            {"penalty": torch.ones(5, dtype=F64)},
-            x,
-            y,
-            optimizer="adam",
-            learning_rate=0.01,
-            max_steps=3,
-            on_failure="raise",
-        )
+        minimize_ridge(x, y, optimizer="adam", learning_rate=0.01, max_steps=3, on_failure="raise")
     assert caught.value.step == 3 and caught.value.grad_norm > 1e-6
     assert caught.value.loss > 0
 
@@ -403,16 +389,7 @@ def test_tol_zero_runs_the_budget_without_a_warning(options):
     loss, calls = loss_evaluations(ridge_loss)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        implicitfn.minimize(
-            loss,
-            {"w": torch.zeros(5, dtype=F64)},
-            {"penalty": torch.ones(5, dtype=F64)},
-            x,
-            y,
-            **options,
-            max_steps=4,
-            tol=0.0,
-        )
+        minimize_ridge(x, y, loss=loss, **options, max_steps=4, tol=0.0)
     if options["optimizer"] == "sgd":
         assert len(calls) == 5  # 4 steps, and the gradient at the point returned
     else:
@@ -436,15 +413,7 @@ def test_a_diverging_inner_solve_raises_naming_the_step():
         implicitfn.MinimizeError,
         match=r"(loss is (inf|nan)|gradient of the loss contains NaN/Inf) at step [1-9]\d*.*diverged",
     ) as caught:
-        implicitfn.minimize(
-            ridge_loss,
-            {"w": torch.zeros(5, dtype=F64)},
-            {"penalty": torch.ones(5, dtype=F64)},
-            x,
-            y,
-            optimizer="sgd",
-            learning_rate=10.0,
-        )
+        minimize_ridge(x, y, optimizer="sgd", learning_rate=10.0)
     assert caught.value.step > 0
 
 
@@ -466,14 +435,7 @@ def test_a_nan_loss_at_the_start_raises_naming_step_zero():
 
 def test_progress_bar(capsys):
     x, y, _, _ = well_conditioned_ridge(seed=12)
-    implicitfn.minimize(
-        ridge_loss,
-        {"w": torch.zeros(4, dtype=F64)},
-        {"penalty": torch.ones(4, dtype=F64)},
-        x,
-        y,
-        progress=True,
-    )
+    minimize_ridge(x, y, progress=True)
     err = capsys.readouterr().err
     assert "minimize (L-BFGS)" in err and "grad_norm=" in err and "loss=" in err
 
@@ -507,14 +469,7 @@ def test_bad_options_raise_before_any_evaluation(options, error, match):
     x, y, _, _ = well_conditioned_ridge()
     loss, calls = loss_evaluations(ridge_loss)
     with pytest.raises(error, match=match):
-        implicitfn.minimize(
-            loss,
-            {"w": torch.zeros(4, dtype=F64)},
-            {"penalty": torch.ones(4, dtype=F64)},
-            x,
-            y,
-            **options,
-        )
+        minimize_ridge(x, y, loss=loss, **options)
     assert not calls
 
 
@@ -560,9 +515,7 @@ def test_nan_in_the_data_is_named_before_any_evaluation():
     x[0, 0] = float("nan")
     loss, calls = loss_evaluations(ridge_loss)
     with pytest.raises(ValueError, match=r"args\[0\]: contains NaN"):
-        implicitfn.minimize(
-            loss, {"w": torch.zeros(4, dtype=F64)}, {"penalty": torch.ones(4, dtype=F64)}, x, y
-        )
+        minimize_ridge(x, y, loss=loss)
     assert not calls
 
 
@@ -580,16 +533,7 @@ def test_device_and_dtype_are_kept(device, dtype, optimizer):
     x, y, x_val, y_val = (t.to(device, dtype) for t in well_conditioned_ridge(seed=13))
     penalty = torch.ones(4, dtype=dtype, device=device, requires_grad=True)
     tol = 1e-6 if dtype == F64 else 1e-4
-    w = implicitfn.minimize(
-        ridge_loss,
-        {"w": torch.zeros(4, dtype=dtype, device=device)},
-        {"penalty": penalty},
-        x,
-        y,
-        **optimizer,
-        tol=tol,
-        max_steps=3000,
-    )
+    w = minimize_ridge(x, y, penalty, **optimizer, tol=tol, max_steps=3000)
     assert w["w"].dtype == dtype and w["w"].device.type == device
     val_loss(w, x_val, y_val).backward()
     assert penalty.grad.dtype == dtype and penalty.grad.device.type == device

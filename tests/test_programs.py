@@ -13,10 +13,13 @@ import torch
 import torch.nn.functional as F
 import torch.utils._pytree as pytree
 from helpers import (
+    assert_untouched,
     dense_implicit_hypergradient,
     forward_over_reverse_hessian,
     ravel_tree,
     relative_error,
+    snapshot,
+    storage,
 )
 from hypothesis import event, given
 from strategies import build_pytree, module_programs, pytree_programs, pytree_size
@@ -24,28 +27,6 @@ from strategies import build_pytree, module_programs, pytree_programs, pytree_si
 import implicitfn
 
 F64 = torch.float64
-
-
-def snapshot(tree):
-    leaves = [t for t in pytree.tree_leaves(tree) if isinstance(t, torch.Tensor)]
-    return [(t.detach().clone(), t._version, t.requires_grad) for t in leaves]
-
-
-def assert_untouched(tree, before) -> None:
-    after = snapshot(tree)
-    assert len(after) == len(before)
-    for (value, version, flag), (value0, version0, flag0) in zip(after, before, strict=True):
-        assert torch.equal(value, value0), "a tensor of the caller changed"
-        assert version == version0, "a tensor of the caller was written in place"
-        assert flag == flag0, "requires_grad of a tensor of the caller changed"
-
-
-def storage(tree) -> set[int]:
-    return {
-        t.untyped_storage().data_ptr()
-        for t in pytree.tree_leaves(tree)
-        if isinstance(t, torch.Tensor)
-    }
 
 
 def call(fit, style, params, hparams, *data, names):

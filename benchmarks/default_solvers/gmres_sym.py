@@ -5,8 +5,6 @@ short recurrence?   .venv/bin/python benchmarks/default_solvers/gmres_sym.py"""
 import json
 import os
 import sys
-import time
-import warnings
 
 import torch
 
@@ -14,7 +12,7 @@ import implicitfn
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from study import metrics, points, ravel, setup  # noqa: E402
+from study import measure, points, setup, write_jsonl  # noqa: E402
 
 
 def main():
@@ -29,34 +27,15 @@ def main():
             ("GMRES(500)", implicitfn.GMRES(max_steps=2000, restart=500, rtol=1e-4)),
         ):
             adjoint = implicitfn.ImplicitAdjoint(solver=solver, on_failure="warn")
-            t = time.perf_counter()
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                g, info = implicitfn.hypergradient(
-                    prob.train_loss,
-                    prob.outer_loss,
-                    params,
-                    prob.hparams,
-                    inner_args=prob.inner_args,
-                    outer_args=prob.outer_args,
-                    adjoint=adjoint,
-                )
-            cos, err = metrics(ravel(g), oracle)
             row = {
                 "dtype": dtype,
                 "solver": label,
                 "rtol": 1e-4,
-                "outcome": info.outcome_names()[0],
-                "steps": int(info.num_steps),
-                "relres": float(info.relative_residual),
-                "relerr": err,
-                "cosine": cos,
-                "time_s": time.perf_counter() - t,
+                **measure(prob, params, adjoint, oracle),
             }
             rows.append(row)
             print(json.dumps(row), flush=True)
-    with open(os.path.join(HERE, "results", "gmres_sym.jsonl"), "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
+    write_jsonl("gmres_sym.jsonl", rows)
 
 
 if __name__ == "__main__":

@@ -13,8 +13,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
-import warnings
 
 import torch
 from torch.func import grad
@@ -23,7 +21,7 @@ import implicitfn
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from study import metrics, points, ravel, setup  # noqa: E402
+from study import measure, points, setup, write_jsonl  # noqa: E402
 
 
 def condition_for(problem, scale):
@@ -56,36 +54,16 @@ def main():
                         solver=implicitfn.GMRES(max_steps=2000, restart=restart, rtol=rtol),
                         on_failure="warn",
                     )
-                    t = time.perf_counter()
-                    with warnings.catch_warnings():
-                        warnings.simplefilter("ignore")
-                        g, info = implicitfn.hypergradient(
-                            cond,
-                            prob.outer_loss,
-                            params,
-                            prob.hparams,
-                            inner_args=prob.inner_args,
-                            outer_args=prob.outer_args,
-                            adjoint=adjoint,
-                        )
-                    cos, err = metrics(ravel(g), oracle)
                     row = {
                         "problem": name,
                         "dtype": dtype,
                         "restart": restart,
                         "rtol": rtol,
-                        "outcome": info.outcome_names()[0],
-                        "steps": int(info.num_steps),
-                        "relres": float(info.relative_residual),
-                        "relerr": err,
-                        "cosine": cos,
-                        "time_s": time.perf_counter() - t,
+                        **measure(prob, params, adjoint, oracle, cond),
                     }
                     out.append(row)
                     print(json.dumps(row), flush=True)
-    with open(os.path.join(HERE, "results", "nonsym.jsonl"), "w") as f:
-        for row in out:
-            f.write(json.dumps(row) + "\n")
+    write_jsonl("nonsym.jsonl", out)
 
 
 if __name__ == "__main__":

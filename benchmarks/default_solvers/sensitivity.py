@@ -13,59 +13,44 @@ import json
 import os
 import sys
 import time
-import warnings
 
 import torch
 from torch.func import grad
 
 import implicitfn
-from implicitfn.compare.problems import _classifier_problem, train_to_optimum
+from implicitfn.compare import train_to_optimum
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from study import adam_point, metrics, ravel  # noqa: E402
+from study import (  # noqa: E402
+    adjoint_system,
+    dense_curvature,
+    measure,
+    metrics,
+    mlp1k_points,
+    write_jsonl,
+)
 
 RTOLS = (1e-3, 3e-4, 1e-4, 1e-5)
 MAX_STEPS = 5000
 
 
-def problem(seed, dtype):
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        net = torch.nn.Sequential(torch.nn.Linear(64, 16), torch.nn.Tanh(), torch.nn.Linear(16, 10))
-    return _classifier_problem("mlp1k", net, 1e-3, dtype, torch.device("cpu"), 0)
-
-
 def dense(p64, w64):
-    h, args = p64.hparams, p64.inner_args
-    _, unravel = implicitfn.tree_ravel(w64)
-    dw, dh = grad(p64.outer_loss, argnums=(0, 1))(w64, h, *p64.outer_args)
-    b, direct = ravel(dw), ravel(dh)
-    c = ravel(
-        implicitfn.cross_vjp(
-            implicitfn.stationarity(p64.train_loss), unravel(torch.ones_like(b)), w64, h, *args
-        )[0]
-    )
-    out = {}
-    for curv in ("Hessian", "GaussNewton"):
-        m = (
-            getattr(implicitfn, curv)()
-            .linearize(p64.train_loss, w64, h, *args)
-            .as_matrix(chunk_size=64)
-        )
-        out[curv] = 0.5 * (m + m.T)
-    ev = torch.linalg.eigvalsh(out["Hessian"])
+    b, hypergrad = adjoint_system(p64, w64)
+    hessian, gauss_newton = (dense_curvature(curv, p64, w64) for curv in ("Hessian", "GaussNewton"))
+    ev = torch.linalg.eigvalsh(hessian)
     eye = torch.eye(b.numel(), dtype=torch.float64)
     g = {
-        name: direct - c * torch.linalg.solve(m, b)
+        name: hypergrad(torch.linalg.solve(m, b))
         for name, m in (
-            ("oracle", out["Hessian"]),
-            ("gn", out["GaussNewton"]),
-            ("damped1e-4", out["Hessian"] + 1e-4 * eye),
-            ("damped1e-6", out["Hessian"] + 1e-6 * eye),
+            ("oracle", hessian),
+            ("gn", gauss_newton),
+            ("damped1e-4", hessian + 1e-4 * eye),
+            ("damped1e-6", hessian + 1e-6 * eye),
         )
     }
-    return ev, g, float(implicitfn.tree_norm(grad(p64.train_loss)(w64, h, *args)))
+    gradient = grad(p64.train_loss)(w64, p64.hparams, *p64.inner_args)
+    return ev, g, float(implicitfn.tree_norm(gradient))
 
 
 def minres(problem, params, rtol, oracle):
@@ -74,25 +59,7 @@ def minres(problem, params, rtol, oracle):
         curvature=implicitfn.Hessian(),
         on_failure="warn",
     )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        g, info = implicitfn.hypergradient(
-            problem.train_loss,
-            problem.outer_loss,
-            params,
-            problem.hparams,
-            inner_args=problem.inner_args,
-            outer_args=problem.outer_args,
-            adjoint=adjoint,
-        )
-    cos, err = metrics(ravel(g), oracle)
-    return {
-        "outcome": info.outcome_names()[0],
-        "steps": int(info.num_steps),
-        "relres": float(info.relative_residual),
-        "relerr": err,
-        "cosine": cos,
-    }
+    return measure(problem, params, adjoint, oracle)
 
 
 def main():
@@ -101,9 +68,7 @@ def main():
     for seed in (0, 1, 2):
         for steps in (500, 1000, 2000, 5000):
             t = time.perf_counter()
-            p32, p64 = problem(seed, torch.float32), problem(seed, torch.float64)
-            w32 = adam_point(p32, steps=steps)
-            w64 = w32.apply(lambda x: x.double())
+            p32, w32, p64, w64 = mlp1k_points(seed, steps)
             ev, g, gnorm = dense(p64, w64)
             oracle = g["oracle"]
             row = {
@@ -134,9 +99,7 @@ def main():
             row["time_s"] = time.perf_counter() - t
             rows.append(row)
             print(json.dumps(row), flush=True)
-    with open(os.path.join(HERE, "results", "sensitivity.jsonl"), "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
+    write_jsonl("sensitivity.jsonl", rows)
 
 
 if __name__ == "__main__":

@@ -74,9 +74,10 @@ def log(*args):
 # ---------------------------------------------------------------- problems and their points
 
 
-def mlp1k_problem(dtype):
+def mlp1k_problem(dtype, seed=0):
+    """The 64-16-10 tanh MLP on digits (the split of seed 0), its weights initialised from `seed`."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
+        torch.manual_seed(seed)
         net = torch.nn.Sequential(torch.nn.Linear(64, 16), torch.nn.Tanh(), torch.nn.Linear(16, 10))
     return _classifier_problem("mlp1k", net, 1e-3, dtype, torch.device("cpu"), 0)
 
@@ -93,18 +94,18 @@ def adam_point(problem, steps=1000, lr=1e-2):
     return unravel(flat.detach())
 
 
+def mlp1k_points(seed=0, steps=1000):
+    """(problem32, params32, problem64, params64) of the 1.2k MLP initialised from `seed`: the
+    point `steps` of float32 Adam reach, and its float64 copy."""
+    p32, p64 = mlp1k_problem(torch.float32, seed), mlp1k_problem(torch.float64, seed)
+    w32 = adam_point(p32, steps=steps)
+    return p32, w32, p64, w32.apply(lambda t: t.double())
+
+
 def points(name):
     """(problem32, params32, problem64, params64, how)"""
     if name == "mlp1k":
-        p32, p64 = mlp1k_problem(torch.float32), mlp1k_problem(torch.float64)
-        w32 = adam_point(p32)
-        return (
-            p32,
-            w32,
-            p64,
-            w32.apply(lambda t: t.double()),
-            "Adam float32, lr 1e-2, 1000 full-batch steps",
-        )
+        return (*mlp1k_points(), "Adam float32, lr 1e-2, 1000 full-batch steps")
     p32, p64 = make_problem(name, dtype=torch.float32), make_problem(name, dtype=torch.float64)
     w64, _ = train_to_optimum(p64)
     return p32, w64.apply(lambda t: t.float()), p64, w64, "compare.train_to_optimum (float64)"
@@ -166,6 +167,7 @@ def dense_solve(matrix, rhs):
 
 
 def metrics(g, ref):
+    """(cosine, relative error) of the raveled hypergradient `g` against the reference `ref`."""
     g = g.to(torch.float64)
     return (
         float(torch.nn.functional.cosine_similarity(g, ref, dim=0)),
@@ -182,35 +184,47 @@ def flat_matvec(op, w64):
     return lambda v: ravel(op.mv(unravel(v)))
 
 
+def dense_curvature(curv, p64, w64):
+    """The curvature `curv` at the float64 point as a dense matrix, symmetrised (round-off)."""
+    m = operator_of(curv, p64, w64).as_matrix(chunk_size=CHUNK)
+    return 0.5 * (m + m.T)
+
+
+def adjoint_system(p64, w64):
+    """(b, hypergrad) at the float64 point: the raveled right-hand side b = dL_V/dw of the
+    adjoint system, and v -> dL_V/dh - B^T v, for one v (n,) or a stack of them (k, n)."""
+    h, args = p64.hparams, p64.inner_args
+    _, unravel = implicitfn.tree_ravel(w64)
+    direct_w, direct_h = grad(p64.outer_loss, argnums=(0, 1))(w64, h, *p64.outer_args)
+    b, direct = ravel(direct_w), ravel(direct_h)
+    condition = implicitfn.stationarity(p64.train_loss)
+    # B^T v is diagonal here (penalty 0.5 sum exp(h_i) w_i^2): B^T v = c * v with c = B^T 1.
+    c = ravel(implicitfn.cross_vjp(condition, unravel(torch.ones_like(b)), w64, h, *args)[0])
+    probe = torch.randn(b.numel(), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    exact = ravel(implicitfn.cross_vjp(condition, unravel(probe), w64, h, *args)[0])
+    assert torch.allclose(exact, c * probe, rtol=1e-10, atol=1e-14), "B is not diagonal"
+
+    def hypergrad(v):
+        return direct - c * v
+
+    return b, hypergrad
+
+
 def setup(p64, w64):
     """The oracle (dense Hessian), dense or tight-iterative answers per curvature and damping,
     eigen facts. Gauss-Newton is formed densely only for n <= DENSE_GN_MAX; above, its answers
     come from float64 CG at rtol 1e-11 (vmapping the Gauss-Newton product over 9.6k basis
     vectors took > 10 min)."""
     t0 = time.perf_counter()
-    h, args = p64.hparams, p64.inner_args
     _, unravel = implicitfn.tree_ravel(w64)
-    direct_w, direct_h = grad(p64.outer_loss, argnums=(0, 1))(w64, h, *p64.outer_args)
-    b, direct = ravel(direct_w), ravel(direct_h)
+    b, hypergrad = adjoint_system(p64, w64)
     n = b.numel()
-    condition = implicitfn.stationarity(p64.train_loss)
-    # B^T v is diagonal here (penalty 0.5 sum exp(h_i) w_i^2): B^T v = c * v with c = B^T 1.
-    c = ravel(implicitfn.cross_vjp(condition, unravel(torch.ones_like(b)), w64, h, *args)[0])
-    probe = torch.randn(n, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    exact = ravel(implicitfn.cross_vjp(condition, unravel(probe), w64, h, *args)[0])
-    assert torch.allclose(exact, c * probe, rtol=1e-10, atol=1e-14), "B is not diagonal"
-
-    def hypergrad(v):  # v: (n,) or (k, n)
-        return direct - c * v
-
-    grad_norm = float(implicitfn.tree_norm(grad(p64.train_loss)(w64, h, *args)))
+    grad_norm = float(implicitfn.tree_norm(grad(p64.train_loss)(w64, p64.hparams, *p64.inner_args)))
     solutions, facts, dense = {}, {}, {}
     for curv in CURVATURES:
         t = time.perf_counter()
-        op = operator_of(curv, p64, w64)
         if curv == "Hessian" or n <= DENSE_GN_MAX:
-            m = op.as_matrix(chunk_size=CHUNK)
-            m = 0.5 * (m + m.T)
+            m = dense_curvature(curv, p64, w64)
             v, factor, pd = dense_solve(m, b)
             facts[curv] = {"positive_definite": pd, "form_s": time.perf_counter() - t}
             facts[curv].update(eigen_facts(m, factor, pd))
@@ -218,6 +232,7 @@ def setup(p64, w64):
             eye = torch.eye(n, dtype=m.dtype)
             solve = lambda mu, m=m, eye=eye: dense_solve(m + mu * eye, b)[0]  # noqa: E731
         else:
+            op = operator_of(curv, p64, w64)
             mv = flat_matvec(op, w64)
             lam = float(
                 spla.eigsh(
@@ -368,31 +383,24 @@ def make_solver(name, rtol):
     return implicitfn.GMRES(max_steps=MAX_STEPS, restart=RESTART, rtol=rtol)
 
 
-def run_one(problem, params, solver, curv, mu, oracle):
-    adjoint = implicitfn.ImplicitAdjoint(
-        solver=solver, curvature=getattr(implicitfn, curv)(), damping=mu, on_failure="warn"
-    )
+def measure(problem, params, adjoint, oracle, condition=None):
+    """One hypergradient as a user computes it (`problem.hypergradient`, warnings silenced; the
+    adjoint should say on_failure="warn"), measured against the raveled `oracle`: the row
+    {outcome, steps, relres, relerr, cosine, time_s} every script of this study records. A
+    NaN/Inf (which always raises) gives a row with no errors and the exception's `message`."""
     t = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            g, info = implicitfn.hypergradient(
-                problem.train_loss,
-                problem.outer_loss,
-                params,
-                problem.hparams,
-                inner_args=problem.inner_args,
-                outer_args=problem.outer_args,
-                adjoint=adjoint,
-            )
-        except implicitfn.ImplicitSolveError as error:  # NaN/Inf always raises
+            g, info = problem.hypergradient(params, adjoint, condition)
+        except implicitfn.ImplicitSolveError as error:
             info = error.info
             return {
                 "outcome": info.outcome_names()[0] if info is not None else "error",
                 "steps": None if info is None else int(info.num_steps),
                 "relres": None,
-                "cosine": None,
                 "relerr": None,
+                "cosine": None,
                 "time_s": time.perf_counter() - t,
                 "message": str(error)[:200],
             }
@@ -402,10 +410,23 @@ def run_one(problem, params, solver, curv, mu, oracle):
         "outcome": info.outcome_names()[0],
         "steps": int(info.num_steps),
         "relres": float(info.relative_residual),
-        "cosine": cos,
         "relerr": err,
+        "cosine": cos,
         "time_s": seconds,
     }
+
+
+def write_jsonl(name, rows):
+    """results/<name>: one JSON object a line, as analyze.py reads them."""
+    with open(os.path.join(RESULTS, name), "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+
+
+def run_one(problem, params, solver, curv, mu, oracle):
+    adjoint = implicitfn.ImplicitAdjoint(
+        solver=solver, curvature=getattr(implicitfn, curv)(), damping=mu, on_failure="warn"
+    )
+    return measure(problem, params, adjoint, oracle)
 
 
 def grid(p32, w32, p64, w64, oracle, facts, reuse, budget_s):

@@ -102,6 +102,46 @@ class Problem:
         """The number of hyperparameters."""
         return implicitfn.tree_ravel(self.hparams)[0].numel()
 
+    def hypergradient(
+        self,
+        params: Any,
+        adjoint: implicitfn.AbstractAdjoint,
+        condition: implicitfn.AbstractOptimalityCondition | None = None,
+    ) -> tuple[Any, implicitfn.SolveInfo | None]:
+        """[`implicitfn.hypergradient`][implicitfn.hypergradient] of this problem at the inner
+        solution `params`: its hyperparameters, losses and data, differentiated by `adjoint`.
+
+        **Arguments:**
+
+        - `params`: the inner solution $w^*$ (e.g. from
+          [`train_to_optimum`][implicitfn.compare.train_to_optimum]).
+        - `adjoint`: how to differentiate, e.g. an [`ImplicitAdjoint`][implicitfn.ImplicitAdjoint].
+        - `condition`: the optimality condition $w^*$ satisfies; `None` (default) for the
+          stationarity of `train_loss`.
+
+        **Returns:** `(hypergradient, info)`, as `implicitfn.hypergradient` returns them.
+
+        ```python
+        >>> import torch, implicitfn
+        >>> from implicitfn.compare import Problem
+        >>> quadratic = Problem("quadratic", lambda p, h: ((p - h) ** 2).sum(), lambda p, h: p.sum(),
+        ...                     torch.zeros(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64))
+        >>> g, info = quadratic.hypergradient(quadratic.hparams, implicitfn.ImplicitAdjoint())
+        >>> # w* = h, so dL_V/dh = 1
+        >>> torch.allclose(g, torch.ones(2, dtype=torch.float64)), info.outcome_names()[0]
+        (True, 'successful')
+        ```
+        """
+        return implicitfn.hypergradient(
+            self.train_loss if condition is None else condition,
+            self.outer_loss,
+            params,
+            self.hparams,
+            inner_args=self.inner_args,
+            outer_args=self.outer_args,
+            adjoint=adjoint,
+        )
+
 
 def train_to_optimum(problem: Problem) -> tuple[Any, float]:
     r"""Minimise the training loss tightly: L-BFGS, then Newton steps with [`CG`][implicitfn.CG].

@@ -461,21 +461,12 @@ def _measure(
                 outer_args=problem.outer_args,
             )
             return result, None
+        adjoint = implicitfn.ImplicitAdjoint(
+            solver=method.solver, curvature=CURVATURES[method.curvature], on_failure="warn"
+        )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", implicitfn.ImplicitSolveWarning)
-            return implicitfn.hypergradient(
-                problem.train_loss,
-                problem.outer_loss,
-                params,
-                problem.hparams,
-                inner_args=problem.inner_args,
-                outer_args=problem.outer_args,
-                adjoint=implicitfn.ImplicitAdjoint(
-                    solver=method.solver,
-                    curvature=CURVATURES[method.curvature],
-                    on_failure="warn",
-                ),
-            )
+            return problem.hypergradient(params, adjoint)
 
     try:
         result, info = compute()  # the warm-up: not timed

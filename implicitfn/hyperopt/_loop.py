@@ -233,7 +233,7 @@ class HyperOptimizer:
       copies of the parameters / hyperparameters.
     - `inner_steps`: $T$, inner optimiser steps per hyper step.
     - `adjoint`: how each hypergradient is computed, an
-      [`ImplicitAdjoint`][implicitfn.ImplicitAdjoint] (default: CG on the exact Hessian) or an
+      [`ImplicitAdjoint`][implicitfn.ImplicitAdjoint] (default: the exact Hessian, with the solver its structure calls for: MINRES) or an
       [`UnrolledAdjoint`][implicitfn.UnrolledAdjoint]; checked here, before any computing. By
       default a failed solve raises [`ImplicitSolveError`][implicitfn.ImplicitSolveError]; with
       `ImplicitAdjoint(on_failure="warn")` the step goes on and the history records the outcome.

@@ -186,10 +186,10 @@ class ImplicitAdjoint(AbstractAdjoint):
       group) or a `ProcessGroup`; see the "Distributed" page.
     - `inner_rtol`: warn ([`InnerSolutionWarning`][implicitfn.InnerSolutionWarning]) when the
       point the inner solver returned is far from satisfying the condition:
-      $\lVert F(w^*, \lambda)\rVert >$ `inner_rtol` $\cdot\lVert A w^*\rVert$ (default 0.1;
-      `None`: no warning). Both norms are always in the `SolveInfo`; measuring them costs one
-      product, and a condition that does not depend on the parameters at all ($A = 0$, the
-      `net(x)` mistake) raises an error that says so. Where the optimum is exactly $w^* = 0$
+      $\lVert F(w^*, \lambda)\rVert >$ `inner_rtol` $\cdot\lVert A w^*\rVert$ (default 0.1).
+      Both norms are in the `SolveInfo`; measuring them costs one product, and a condition that
+      does not depend on the parameters at all ($A = 0$, the `net(x)` mistake) raises an error
+      that says so. `None` measures nothing (one product fewer per backward pass). Where the optimum is exactly $w^* = 0$
       with $F(0) = 0$ the ratio is about 1 however accurate the inner solve: pass `None` there.
     - `compile`: `False`, `True`, a mode string or [`Compile`][implicitfn.Compile]`(...)`: the
       reverse pass as one `torch.compile` graph. Needs a solver with `fixed_steps` (e.g.

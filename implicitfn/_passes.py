@@ -53,6 +53,7 @@ class PassConfig(Protocol):
 
     curvature: AbstractCurvature
     damping: float
+    inner_rtol: float | None
 
     def solver_for(self, condition: AbstractOptimalityCondition) -> AbstractLinearSolver: ...
 
@@ -186,7 +187,7 @@ def implicit_reverse(
     solver = adjoint.solver_for(condition)
     solved, info = solver.solve(problem.operator, problem.rhs, start, transpose=True)
     products = problem.cross(tree_map(torch.neg, solved))
-    if adjoint.reduction is None:  # measured on every rank alike, or not at all
+    if adjoint.reduction is None and adjoint.inner_rtol is not None:  # else not measured
         norm, scale = problem.optimality()
         info = dataclasses.replace(info, optimality_norm=norm, optimality_scale=scale)
     return products, solved, info

@@ -9,6 +9,7 @@ from implicitfn._curvature import AbstractCurvature, CompositeLoss, GaussNewton,
 from implicitfn._distributed import all_reduce_gradients
 from implicitfn._functional import FunctionalModel, functional_model
 from implicitfn._implicit import hypergradient, implicit_diff
+from implicitfn._kkt import kkt
 from implicitfn._linear_solve import (
     CG,
     GMRES,
@@ -101,6 +102,7 @@ __all__ = [
     "hyperopt",
     "hypergradient",
     "implicit_diff",
+    "kkt",
     "minimize",
     "projected_gradient",
     "projection_box",

@@ -19,7 +19,7 @@ FLOORS = [
     ["_operator", "_functional", "_projections"],
     ["_curvature", "_distributed"],
     ["_optimality", "_linear_solve"],
-    ["_compile", "_proximal"],
+    ["_compile", "_proximal", "_kkt"],
     ["_passes"],
     ["_adjoint"],
     ["_implicit", "_unrolled"],

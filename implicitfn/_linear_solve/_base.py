@@ -55,8 +55,11 @@ class AbstractLinearSolver(abc.ABC):
     `needs_positive_definite`, `residual_growth_is_divergence` (the method is a stationary
     iteration or a fixed approximation whose residual above $\lVert b\rVert$ means it diverged
     or is misconfigured, reported as `DIVERGED`; not so for CG, whose residual may grow while
-    its error shrinks), and the property `fixed_steps` (the cost is fixed by the configuration:
-    no data-dependent stopping, so `torch.compile` can trace the solve as one graph).
+    its error shrinks), `accepts_preconditioner` (a `preconditioner` field that takes a
+    callable `r -> M^{-1} r`, which a reused
+    [`NystromPreconditioner`][implicitfn.NystromPreconditioner] fills in), and the property
+    `fixed_steps` (the cost is fixed by the configuration: no data-dependent stopping, so
+    `torch.compile` can trace the solve as one graph).
 
     ```python
     >>> import dataclasses, torch, implicitfn
@@ -83,6 +86,7 @@ class AbstractLinearSolver(abc.ABC):
     needs_symmetric: ClassVar[bool] = False
     needs_positive_definite: ClassVar[bool] = False
     residual_growth_is_divergence: ClassVar[bool] = False
+    accepts_preconditioner: ClassVar[bool] = False
     rtol: float
     atol: float
 

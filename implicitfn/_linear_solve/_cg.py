@@ -85,6 +85,7 @@ class CG(AbstractLinearSolver):
     seed: int = 0
     needs_symmetric = True
     needs_positive_definite = True
+    accepts_preconditioner = True
     fixed_steps = property(runs_its_budget)
 
     def __post_init__(self) -> None:

@@ -9,7 +9,11 @@ solving the backward system, side by side in one process, and counts what each c
 - `cg-warm`: CG started from the previous step's solution (`ImplicitAdjoint(warm_start=True)`);
 - `nystrom`: CG preconditioned by a randomized Nyström sketch built once and rebuilt only when
   the solves grow (`ImplicitAdjoint(preconditioner=NystromPreconditioner(rank))`);
-- `nystrom-warm`: both.
+- `nystrom-warm`: both;
+- `cg-warm-schedule`: inexact on purpose, `cg-warm` with a tolerance falling geometrically from
+  30x `--rtol` to `--rtol` over the first half of the run (`hyperopt.GeometricTolerance`, as
+  `HyperOptimizer(tolerance_schedule=...)` does); its early cosines are below 0.99 by design,
+  so it is judged by its final validation loss only.
 
 Every method stops CG at the same relative residual (`--rtol`, chosen per problem so that CG
 from zero meets the accuracy target); at every outer step (or every `--check-every`) its
@@ -58,12 +62,13 @@ from tensordict import TensorDict
 from tqdm.auto import tqdm
 
 import implicitfn
+from implicitfn import hyperopt
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))  # run as a script: the harness is a sibling
 from _harness import machine  # noqa: E402
 
 DTYPE = torch.float64
-METHODS = ("cg-zero", "cg-warm", "nystrom", "nystrom-warm")
+METHODS = ("cg-zero", "cg-warm", "nystrom", "nystrom-warm", "cg-warm-schedule")
 
 
 @dataclasses.dataclass
@@ -156,7 +161,7 @@ def classifier_problem(name: str, hidden: int | None, fast: bool, device: str) -
 
     hparams = params.apply(lambda t: torch.full_like(t, math.log(1e-3)))
     # CG from zero meets cosine >= 0.99 at these residuals (the MLP needs far tighter, #16).
-    rtol = 3e-2 if hidden is None else 1e-3
+    rtol = 1e-2 if hidden is None else 1e-3
     curvature = implicitfn.Hessian() if hidden is None else implicitfn.GaussNewton()
     return Problem(name, inner, outer, train, params, hparams, rtol, 50, 0.05, curvature)
 
@@ -239,14 +244,20 @@ def run(problem: Problem, method: str, outer_steps: int, check_every: int, progr
     for leaf in leaves:
         leaf.requires_grad_(True)
     optimizer = torch.optim.Adam(leaves, lr=problem.outer_lr)
+    schedule = None
+    if method.endswith("schedule"):
+        schedule = hyperopt.GeometricTolerance(
+            30 * problem.rtol, problem.rtol, max(1, outer_steps // 2)
+        )
     params, hvps, wall, cosines = problem.params, 0, 0.0, []
     started = time.perf_counter()
     for step in tqdm(range(outer_steps), desc=f"{problem.name} {method}", disable=not progress):
-        detached = hparams.detach() if isinstance(hparams, torch.Tensor) else hparams.detach()
+        detached = hparams.detach()
         params = problem.train(params, detached)
         tick = time.perf_counter()
+        now = adjoint if schedule is None else adjoint.with_rtol(schedule(step + 1))
         grad, info = implicitfn.hypergradient(
-            problem.inner, problem.outer, params, detached, adjoint=adjoint
+            problem.inner, problem.outer, params, detached, adjoint=now
         )
         wall += time.perf_counter() - tick
         hvps += int(info.num_steps)
@@ -281,6 +292,8 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--outer-steps", type=int, default=None, help="default 100; 3 --fast")
     parser.add_argument("--check-every", type=int, default=1, help="reference every k steps")
+    parser.add_argument("--rtol", type=float, default=None, help="override every problem's rtol")
+    parser.add_argument("--rank", type=int, default=None, help="override the Nystrom rank")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:index]")
     parser.add_argument("--json", type=pathlib.Path, default=None, help="write the rows here")
@@ -298,6 +311,10 @@ def main() -> None:
     rows = []
     for name in args.problems.split(","):
         problem = builders[name]()
+        if args.rtol is not None:
+            problem.rtol = args.rtol
+        if args.rank is not None:
+            problem.rank = args.rank
         for method in args.methods.split(","):
             rows.append(run(problem, method, outer_steps, args.check_every, not args.no_progress))
         report(rows, name)
@@ -307,7 +324,7 @@ def main() -> None:
         print(f"rows saved to {args.json}")
     if args.plot:
         plot(rows, args.plot)
-    failing = [r for r in rows if r["min_cos"] < 0.99]
+    failing = [r for r in rows if r["min_cos"] < 0.99 and not r["method"].endswith("schedule")]
     for row in failing:
         print(f"WARNING: {row['problem']} {row['method']}: min cosine {row['min_cos']:.4f} < 0.99")
 
@@ -320,12 +337,12 @@ def report(rows: list[dict], name: str) -> None:
         f"{mine[0]['outer_steps']} outer steps)"
     )
     print(
-        f"{'method':<14}{'HVPs':>9}{'fewer':>8}{'wall s':>9}{'faster':>8}"
+        f"{'method':<18}{'HVPs':>9}{'fewer':>8}{'wall s':>9}{'faster':>8}"
         f"{'total s':>9}{'val loss':>11}{'vs zero':>9}{'min cos':>9}"
     )
     for r in mine:
         print(
-            f"{r['method']:<14}{r['total_hvps']:>9}{base['total_hvps'] / r['total_hvps']:>7.2f}x"
+            f"{r['method']:<18}{r['total_hvps']:>9}{base['total_hvps'] / r['total_hvps']:>7.2f}x"
             f"{r['wall_s']:>9.2f}{base['wall_s'] / r['wall_s']:>7.2f}x{r['total_s']:>9.1f}"
             f"{r['final_val_loss']:>11.5f}{r['final_val_loss'] / base['final_val_loss'] - 1:>+9.2%}"
             f"{r['min_cos']:>9.4f}"

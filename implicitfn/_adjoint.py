@@ -25,7 +25,11 @@ from implicitfn import _compile
 from implicitfn._curvature import AbstractCurvature, Hessian
 from implicitfn._distributed import DataParallel, data_parallel
 from implicitfn._linear_solve import CG, GMRES, MINRES, AbstractLinearSolver
-from implicitfn._linear_solve._nystrom import NystromPreconditioner, ReusedPreconditioner
+from implicitfn._linear_solve._nystrom import (
+    NystromPreconditioner,
+    ReusedPreconditioner,
+    check_reusable,
+)
 from implicitfn._optimality import (
     AbstractOptimalityCondition,
     with_same_draws,
@@ -141,6 +145,22 @@ class AbstractAdjoint(abc.ABC):
         """Called before each inner solve: raise when something outside (a process group) is
         not ready. Nothing by default."""
         return None
+
+    def with_rtol(self, rtol: float) -> ImplicitAdjoint:
+        """This adjoint with its solver's `rtol` replaced, sharing what it keeps between calls
+        (warm start, preconditioner): for a tolerance that changes along an outer loop.
+
+        ```python
+        >>> import implicitfn
+        >>> implicitfn.ImplicitAdjoint(solver=implicitfn.CG(rtol=1e-2)).with_rtol(0.1).solver.rtol
+        0.1
+        ```
+        """
+        if self.solver is None or self.compile:
+            raise ValueError(f"with_rtol: needs a given solver and no compile; got {self!r}.")
+        copy = dataclasses.replace(self, solver=dataclasses.replace(self.solver, rtol=rtol))
+        object.__setattr__(copy, "_state", self._state)
+        return copy
 
     def mean_over_ranks(self, tree: Tree) -> Tree:
         """`tree` averaged over data-parallel ranks; itself without data parallelism."""
@@ -269,7 +289,7 @@ class ImplicitAdjoint(AbstractAdjoint):
             )
         reduction = data_parallel(self.distributed)
         options = _compile.as_compile(self.compile)
-        self._check_preconditioner(reduction, options)
+        check_reusable(self.preconditioner, self.solver, options is not None, reduction is not None)
         if options is not None and (self.solver is None or not self.solver.fixed_steps):
             raise ValueError(
                 f"compile: needs a solver that runs a fixed number of steps (one graph), got "
@@ -282,27 +302,6 @@ class ImplicitAdjoint(AbstractAdjoint):
             )
         state = _AdjointState(reduction, options, self.warm_start, self.preconditioner)
         object.__setattr__(self, "_state", state)
-
-    def _check_preconditioner(self, reduction, options) -> None:
-        if self.preconditioner is None:
-            return
-        if not isinstance(self.preconditioner, NystromPreconditioner):
-            raise TypeError(
-                "preconditioner: expected implicitfn.NystromPreconditioner(...), got "
-                f"{type(self.preconditioner).__name__}; a fixed callable r -> M^-1 r goes to "
-                "the solver instead: CG(preconditioner=...)."
-            )
-        solver = self.solver
-        if solver is not None and (not solver.accepts_preconditioner or solver.preconditioner):
-            raise ValueError(
-                f"preconditioner: needs a solver that accepts one and has none of its own, got "
-                f"{solver!r}; use e.g. implicitfn.CG(max_steps=1000, rtol=1e-4)."
-            )
-        if options is not None or reduction is not None:
-            raise ValueError(
-                "preconditioner: a reused preconditioner is kept between eager calls, so it "
-                "cannot be combined with compile=... or distributed=...; drop one of them."
-            )
 
     # -- what the decorator calls --------------------------------------------------------------
 
@@ -407,6 +406,22 @@ class ImplicitAdjoint(AbstractAdjoint):
         if condition.symmetric:
             return DEFAULT_SOLVERS["symmetric"]
         return DEFAULT_SOLVERS["general"]
+
+    def with_rtol(self, rtol: float) -> ImplicitAdjoint:
+        """This adjoint with its solver's `rtol` replaced, sharing what it keeps between calls
+        (warm start, preconditioner): for a tolerance that changes along an outer loop.
+
+        ```python
+        >>> import implicitfn
+        >>> implicitfn.ImplicitAdjoint(solver=implicitfn.CG(rtol=1e-2)).with_rtol(0.1).solver.rtol
+        0.1
+        ```
+        """
+        if self.solver is None or self.compile:
+            raise ValueError(f"with_rtol: needs a given solver and no compile; got {self!r}.")
+        copy = dataclasses.replace(self, solver=dataclasses.replace(self.solver, rtol=rtol))
+        object.__setattr__(copy, "_state", self._state)
+        return copy
 
     def mean_over_ranks(self, tree: Tree) -> Tree:
         reduction = self._state.reduction

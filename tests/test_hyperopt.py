@@ -172,7 +172,9 @@ def test_unconverged_backward_solve_raises_or_is_recorded():
     with pytest.raises(implicitfn.ImplicitSolveError):
         loop = make_loop(adjoint=implicitfn.ImplicitAdjoint(solver=truncated, inner_rtol=None))
         loop.step(init_state(loop))
-    loop = make_loop(adjoint=implicitfn.ImplicitAdjoint(solver=truncated, on_failure="warn", inner_rtol=None))
+    loop = make_loop(
+        adjoint=implicitfn.ImplicitAdjoint(solver=truncated, on_failure="warn", inner_rtol=None)
+    )
     state = init_state(loop)
     with pytest.warns(implicitfn.ImplicitSolveWarning):
         record = loop.step(state)
@@ -286,3 +288,51 @@ def test_progress_bar_shows_validation_metrics(capsys):
     loop.run(init_state(loop), outer_steps=2, progress=True)
     shown = capsys.readouterr().err
     assert "hyper steps" in shown and "val_mse" in shown and "solve=successful" in shown
+
+
+def test_tolerance_schedule_sets_each_backward_solve():
+    """Each hyper step's solve runs at the scheduled tolerance (recorded), loose ones take fewer
+    steps, and the schedule shares the adjoint's warm start."""
+    schedule = hyperopt.GeometricTolerance(start=0.3, end=1e-8, steps=4)
+    adjoint = implicitfn.ImplicitAdjoint(
+        solver=implicitfn.CG(max_steps=50, rtol=1e-8), inner_rtol=None, warm_start=True
+    )
+    loop = make_loop(adjoint=adjoint, tolerance_schedule=schedule)
+    state = init_state(loop)
+    history = loop.run(state, outer_steps=5, progress=False)
+    assert history["solve_rtol"] == pytest.approx([schedule(k) for k in range(1, 6)])
+    assert history["solve_rtol"][0] == 0.3 and history["solve_rtol"][-1] == 1e-8
+    assert all(
+        r <= t for r, t in zip(history["relative_residual"], history["solve_rtol"], strict=True)
+    )
+    assert history["solve_steps"][0] < history["solve_steps"][3]
+    assert adjoint._state.initial("reverse") is not None  # the shared warm-start memory
+
+
+def test_tolerance_schedule_needs_a_given_solver():
+    with pytest.raises(TypeError, match="tolerance_schedule"):
+        make_loop(adjoint=implicitfn.ImplicitAdjoint(), tolerance_schedule=lambda step: 0.1)
+    with pytest.raises(TypeError, match="tolerance_schedule"):
+        make_loop(tolerance_schedule=0.1)
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"start": 0.0, "end": 0.0, "steps": 3}, "start"),
+        ({"start": 1e-3, "end": 1e-1, "steps": 3}, "end"),
+        ({"start": 1e-1, "end": 1e-3, "steps": 0}, "steps"),
+    ],
+)
+def test_geometric_tolerance_is_validated(options, match):
+    with pytest.raises(ValueError, match=match):
+        hyperopt.GeometricTolerance(**options)
+
+
+def test_with_rtol_shares_state_and_refuses_without_a_solver():
+    adjoint = implicitfn.ImplicitAdjoint(solver=implicitfn.CG(rtol=1e-2), warm_start=True)
+    loose = adjoint.with_rtol(0.5)
+    assert loose.solver.rtol == 0.5 and adjoint.solver.rtol == 1e-2
+    assert loose._state is adjoint._state
+    with pytest.raises(ValueError, match="with_rtol"):
+        implicitfn.ImplicitAdjoint().with_rtol(0.1)

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 
@@ -249,6 +249,28 @@ class NystromPreconditioner:
             return unravel(flat + basis @ (scale * (basis.T @ flat)))
 
         return apply, products
+
+
+def check_reusable(preconditioner: Any, solver: Any, compiling: bool, distributed: bool) -> None:
+    """Raise unless `ImplicitAdjoint(preconditioner=...)` can keep it with this configuration."""
+    if preconditioner is None:
+        return
+    if not isinstance(preconditioner, NystromPreconditioner):
+        raise TypeError(
+            "preconditioner: expected implicitfn.NystromPreconditioner(...), got "
+            f"{type(preconditioner).__name__}; a fixed callable r -> M^-1 r goes to the solver "
+            "instead: CG(preconditioner=...)."
+        )
+    if solver is not None and (not solver.accepts_preconditioner or solver.preconditioner):
+        raise ValueError(
+            f"preconditioner: needs a solver that accepts one and has none of its own, got "
+            f"{solver!r}; use e.g. implicitfn.CG(max_steps=1000, rtol=1e-4)."
+        )
+    if compiling or distributed:
+        raise ValueError(
+            "preconditioner: a reused preconditioner is kept between eager calls, so it cannot "
+            "be combined with compile=... or distributed=...; drop one of them."
+        )
 
 
 class ReusedPreconditioner:

@@ -15,11 +15,13 @@ from implicitfn.hyperopt._families import (
 )
 from implicitfn.hyperopt._history import History
 from implicitfn.hyperopt._loop import Checkpoint, HyperOptimizer, HyperState
+from implicitfn.hyperopt._schedule import GeometricTolerance
 
 __all__ = [
     "Checkpoint",
     "DistilledData",
     "ExampleWeights",
+    "GeometricTolerance",
     "History",
     "HyperOptimizer",
     "HyperState",

@@ -242,6 +242,11 @@ class HyperOptimizer:
       loop's inner solutions are approximate by design ($T$ steps per hyper step, as in the
       paper), so the default adjoint measures how far each one is (`relative_optimality` in
       the history) without warning about it (`inner_rtol=math.inf`).
+    - `tolerance_schedule`: `None`, or `step -> rtol`: the relative tolerance of hyper step
+      `step`'s backward solve (1-based), e.g.
+      [`GeometricTolerance`][implicitfn.hyperopt.GeometricTolerance]: inexact hypergradients
+      on purpose, loose while the hyperparameters are far from good and tighter later (Pedregosa
+      2016, HOAG). Needs `ImplicitAdjoint(solver=...)`; the history records `solve_rtol`.
     - `train_metrics`, `val_metrics`: `{name: fn(params, hparams, *batch) -> scalar}`
       evaluated on each hyper step's training / validation batch (so with the signature of
       `train_loss` / `val_loss`) and recorded as `train_<name>` / `val_<name>`; the two can
@@ -277,6 +282,7 @@ class HyperOptimizer:
     adjoint: implicitfn.AbstractAdjoint = dataclasses.field(
         default_factory=lambda: implicitfn.ImplicitAdjoint(inner_rtol=math.inf)
     )
+    tolerance_schedule: Callable[[int], float] | None = None
     train_metrics: Mapping[str, Callable[..., torch.Tensor]] = dataclasses.field(
         default_factory=dict
     )
@@ -313,6 +319,16 @@ class HyperOptimizer:
                 f"(...), got {type(self.adjoint).__name__}."
             )
         self.adjoint.check(implicitfn.stationarity(self.train_loss))
+        if self.tolerance_schedule is not None and (
+            not callable(self.tolerance_schedule)
+            or not isinstance(self.adjoint, implicitfn.ImplicitAdjoint)
+            or self.adjoint.solver is None
+        ):
+            raise TypeError(
+                "tolerance_schedule: expected a callable step -> rtol, with "
+                "adjoint=implicitfn.ImplicitAdjoint(solver=...) (a solver given explicitly); got "
+                f"{self.tolerance_schedule!r} with {self.adjoint!r}."
+            )
 
     def init(
         self,
@@ -376,6 +392,10 @@ class HyperOptimizer:
                 "lower its learning rate."
             )
         train_batch = state._train.next()
+        adjoint, rtol = self.adjoint, None
+        if self.tolerance_schedule is not None:
+            rtol = float(self.tolerance_schedule(state.step + 1))
+            adjoint = adjoint.with_rtol(rtol)
         hypergradient, info = implicitfn.hypergradient(
             self.train_loss,
             self.val_loss,
@@ -383,11 +403,13 @@ class HyperOptimizer:
             hparams,
             inner_args=train_batch,
             outer_args=val_batch,
-            adjoint=self.adjoint,
+            adjoint=adjoint,
         )
         record = self._record(
             state.step + 1, params, hparams, train_batch, val_batch, hypergradient, info
         )
+        if rtol is not None:
+            record["solve_rtol"] = rtol
         state._outer.step(pytree.tree_leaves(hypergradient))
         if not all(bool(torch.isfinite(t).all()) for t in state._outer.tensors):
             raise FloatingPointError(

@@ -662,3 +662,31 @@ class TestBadInput:
     def test_damping(self):
         with pytest.raises(ValueError, match="damping"):
             implicitfn.damp(self.operator, -1.0)
+
+
+def test_cg_at_rounding_level_reports_no_negative_curvature():
+    """Past convergence, a fixed-step CG multiplies vectors at rounding level, where a product's
+    rounding can give p^T A p <= 0 on a positive definite A: that is not negative curvature
+    (a float32 Hessian did this in examples/paper/dataset_distillation.py)."""
+    generator = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(20, 20, generator=generator, dtype=torch.float64))
+    matrix = (q * torch.logspace(0, 1, 20, dtype=torch.float64)) @ q.T
+    b = torch.randn(20, generator=generator, dtype=torch.float64)
+
+    def rounding_noise(v):  # where v is at rounding level, its product has the wrong sign
+        return torch.where(v.norm() <= 1e-15 * b.norm(), -v, matrix @ v)
+
+    op = implicitfn.FunctionLinearOperator(
+        rounding_noise, torch.zeros(20, dtype=torch.float64), tags={"symmetric"}
+    )
+    x, info = implicitfn.CG(max_steps=100, rtol=0).solve(op, b)
+    assert outcome(info) is implicitfn.Outcome.MAX_STEPS_REACHED
+    assert float((matrix @ x - b).norm() / b.norm()) < 1e-14
+    # A curvature that is negative well above rounding level is still reported.
+    flipped = implicitfn.FunctionLinearOperator(
+        lambda v: torch.where(v.norm() <= 1e-6 * b.norm(), -v, matrix @ v),
+        torch.zeros(20, dtype=torch.float64),
+        tags={"symmetric"},
+    )
+    _, info = implicitfn.CG(max_steps=100, rtol=0).solve(flipped, b)
+    assert outcome(info) is implicitfn.Outcome.NEGATIVE_CURVATURE

@@ -129,14 +129,18 @@ class CG(AbstractLinearSolver):
         steps = step_count(setup_products + products, vector)
         rs = rz if precondition is None else tree_vdot(r, r)
         start = (x, r, z, rz, rs, steps, healthy, healthy)
+        # A residual at rounding level is solved: there the products' rounding can make
+        # p^T A p <= 0 on a positive definite A, which is no evidence of negative curvature.
+        rounding = (10 * torch.finfo(rs.dtype).eps) ** 2 * tree_vdot(vector, vector)
 
         # One step: the product, two dot products, three axpys and a dozen scalar kernels (no
         # value is read, so it runs under vmap and compiles).
         def step(state):
-            x, r, p, rz, _, steps, positive, definite = state
+            x, r, p, rz, rs, steps, positive, definite = state
             ap = operator.mv(p)
             curvature = tree_vdot(p, ap)
             bent, solved = curvature > 0, rz == 0  # solved: r = 0, then p = 0 (no curvature)
+            converged = solved | (rs <= rounding)
             # Once a flag is down nothing moves: the last good iterate is returned.
             moving = bent & positive if precondition is None else bent & positive & definite
             # Divisors that are never 0, so that no NaN reaches a derivative through the solve.
@@ -151,7 +155,7 @@ class CG(AbstractLinearSolver):
                 rz_new, rs = tree_vdot(r, z), tree_vdot(r, r)
                 definite = definite & (rz_new >= 0)
             p = tree_axpy(rz_new / torch.where(solved, 1.0, rz), p, z)
-            positive = positive & (bent | solved)
+            positive = positive & (bent | converged)
             return x, r, p, rz_new, rs, steps + 1, positive, definite
 
         stop = stopping_rule(self, vector)

@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
-from torch.func import grad
 
 import implicitfn
 from implicitfn.hyperopt._data import BatchStream
@@ -25,6 +24,7 @@ from implicitfn.hyperopt._optimizers import (
     OptimizerSpec,
     build_optimizer,
     check_optimizer_spec,
+    training_gradient,
 )
 
 __all__ = ["Checkpoint", "HyperOptimizer", "HyperState"]
@@ -377,13 +377,14 @@ class HyperOptimizer:
             )
         val_batch = state._val.next()
         hparams = state._live_hparams()
-        train_gradient = grad(self.train_loss)
         for inner_step in range(self.inner_steps):
             batch = state._train.next()
             if state.step == 0 and inner_step == 0:
                 self._check_hparams_used(state._live_params(), hparams, batch, val_batch)
             state._inner.step(
-                pytree.tree_leaves(train_gradient(state._live_params(), hparams, *batch))
+                pytree.tree_leaves(
+                    training_gradient(self.train_loss, state._live_params(), hparams, *batch)
+                )
             )
         params = state._live_params()
         if not all(bool(torch.isfinite(t).all()) for t in state._inner.tensors):
@@ -518,7 +519,7 @@ class HyperOptimizer:
                 record[f"train_{name}"] = _float(metric(params, hparams, *train_batch))
             for name, metric in self.val_metrics.items():
                 record[f"val_{name}"] = _float(metric(params, hparams, *val_batch))
-        inner_gradient = grad(self.train_loss)(params, hparams, *train_batch)
+        inner_gradient = training_gradient(self.train_loss, params, hparams, *train_batch)
         record["inner_gradient_norm"] = _float(implicitfn.tree_norm(inner_gradient))
         record["hypergradient_norm"] = _float(implicitfn.tree_norm(hypergradient))
         if info is not None:  # an unrolled adjoint solves nothing

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 import torchopt
 from torchopt.base import GradientTransformation
 
@@ -116,3 +117,20 @@ class FunctionalOptimizer:
                 f"{structure.num_leaves} leaves); resume with the same optimiser as the saved run."
             )
         self.state = torchopt.pytree.tree_unflatten(structure, [_cloned(x) for x in state])
+
+
+def training_gradient(loss: Callable[..., torch.Tensor], params: Any, *rest: Any) -> Any:
+    """`d loss(params, *rest) / d params` by plain autograd, as a tree like `params`.
+
+    Not `torch.func.grad`: under it torch skips fused CPU backward kernels (an LSTM's backward
+    pass measured 35 ms against 9 ms with autograd), and the loop runs outside any transform.
+    """
+    flat, spec = pytree.tree_flatten(params)
+    with torch.enable_grad():
+        inputs = [t.detach().requires_grad_() for t in flat]
+        value = loss(pytree.tree_unflatten(inputs, spec), *rest)
+        if value.requires_grad:
+            grads = torch.autograd.grad(value, inputs, materialize_grads=True)
+        else:  # the loss does not depend on the parameters
+            grads = tuple(torch.zeros_like(t) for t in inputs)
+    return pytree.tree_unflatten(list(grads), spec)

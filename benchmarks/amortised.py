@@ -307,6 +307,7 @@ class Run:
             "total_s": round(self.total, 3),
             "final_val_loss": float(self.problem.outer(params, self.hparams.detach())),
             "min_cos": min(self.cosines),
+            "preconditioner_builds": self.adjoint.preconditioner_builds,
             "hyperparameters": sum(t.numel() for t in self.leaves),
         }
 

@@ -38,6 +38,12 @@ ARGS.add_argument("--threads", type=int, default=1, help="torch and XLA threads 
 ARGS.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median reported)")
 ARGS.add_argument("--repeats", type=int, default=5, help="calls per round (median taken)")
 ARGS.add_argument("--skip-1m", action="store_true", help="leave out the 1.08M-parameter MLP")
+ARGS.add_argument(
+    "--logreg-steps",
+    type=lambda text: [int(k) for k in text.split(",")],
+    default=[10],
+    help="CG steps k for logistic regression, comma-separated (default 10; e.g. 5,10,20)",
+)
 ARGS.add_argument("--reuse-cache", action="store_true", help="keep inductor's on-disk cache")
 ARGS.add_argument(
     "--modes",
@@ -166,12 +172,17 @@ def dense_reference(problem: Problem, params: Any, chunk: int = 256) -> torch.Te
 
 def build_cases(args: argparse.Namespace) -> list[Case]:
     cases = []
-    names = [("logreg", 10)] if args.fast else [("logreg", 10), ("mlp", 20)]
-    for name, steps in names:
+    names = (
+        [("logreg", args.logreg_steps)]
+        if args.fast
+        else [("logreg", args.logreg_steps), ("mlp", [20])]
+    )
+    for name, budgets in names:
         problem64 = make_problem(name, dtype=torch.float64)
         params, gradient_norm = train_to_optimum(problem64)
         reference = dense_reference(problem64, params)
-        cases.append(Case(name, steps, as_float32(problem64, params), reference, gradient_norm))
+        problem32 = as_float32(problem64, params)
+        cases += [Case(name, k, problem32, reference, gradient_norm) for k in budgets]
     if not (args.fast or args.skip_1m):
         torch.manual_seed(0)
         network = torch.nn.Sequential(

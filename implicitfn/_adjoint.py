@@ -432,6 +432,11 @@ class ImplicitAdjoint(AbstractAdjoint):
         return self._state.compiled
 
     @property
+    def preconditioner_builds(self) -> int:
+        """How many times the kept `preconditioner` was built (0 without one)."""
+        return 0 if self._state.reused is None else self._state.reused.builds
+
+    @property
     def compile_fallbacks(self) -> dict[str, str]:
         """What this adjoint runs eagerly although compiling was asked for, and why."""
         compiled = self._state.compiled

@@ -32,7 +32,9 @@ def public_names():
             yield f"{prefix}.{inner}", getattr(module, inner)
 
 
-@pytest.mark.parametrize("name, obj", list(public_names()), ids=lambda v: v if isinstance(v, str) else "")
+@pytest.mark.parametrize(
+    "name, obj", list(public_names()), ids=lambda v: v if isinstance(v, str) else ""
+)
 def test_public_name_has_api_entry_and_example(name, obj):
     assert re.search(rf"^::: implicitfn\.{re.escape(name)}\s*$", API_PAGES, re.M), (
         f"add '::: implicitfn.{name}' to a page in docs/api/"
@@ -64,11 +66,15 @@ def docstring_tests():
 def test_docstring_examples_run(test):
     runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     runner.run(test, out=lambda text: None)
-    assert runner.failures == 0, f"{test.name}: {runner.failures} failing example(s); run it with doctest -v"
+    assert runner.failures == 0, (
+        f"{test.name}: {runner.failures} failing example(s); run it with doctest -v"
+    )
 
 
 PYTHON_BLOCK = re.compile(r"```python\n(.*?)```", re.S)
-PAGES = sorted(p for p in (ROOT / "docs").rglob("*.md") if "api" not in p.parts) + [ROOT / "README.md"]
+PAGES = sorted(p for p in (ROOT / "docs").rglob("*.md") if "api" not in p.parts) + [
+    ROOT / "README.md"
+]
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))

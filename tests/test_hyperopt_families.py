@@ -331,7 +331,9 @@ def test_families_compose_in_one_hyperparameter_tree():
         inner_optimizer=lambda t: torch.optim.SGD(t, lr=0.5),
         outer_optimizer=lambda t: torch.optim.Adam(t, lr=0.05),
         inner_steps=10,
-        adjoint=implicitfn.ImplicitAdjoint(solver=implicitfn.CG(max_steps=20, rtol=0), inner_rtol=None),
+        adjoint=implicitfn.ImplicitAdjoint(
+            solver=implicitfn.CG(max_steps=20, rtol=0), inner_rtol=None
+        ),
     )
     state = loop.init(
         params,

@@ -1,6 +1,5 @@
 """Misuse is refused before any solve; numerical failure is raised or warned, never returned."""
 
-
 import pytest
 import torch
 from problems import ridge_inner

@@ -21,7 +21,9 @@ def load(name: str) -> types.ModuleType:
 
 
 @pytest.mark.parametrize("ci, status", [("true", 1), ("", 0)])
-def test_browser_check_fails_without_chromium_only_under_ci(ci, status, monkeypatch, tmp_path, capsys):
+def test_browser_check_fails_without_chromium_only_under_ci(
+    ci, status, monkeypatch, tmp_path, capsys
+):
     browser_check = load("browser_check")
     monkeypatch.setenv("CI", ci)
     missing = str(tmp_path / "no-chromium")
@@ -32,13 +34,22 @@ def test_browser_check_fails_without_chromium_only_under_ci(ci, status, monkeypa
 
 def test_nav_hook_lists_pages_missing_from_mkdocs_yml(tmp_path):
     hooks = load("mkdocs_hooks")
-    pages = ("index.md", "choosing-a-solver.md", "compare.md", "tutorials/new.md", "guide.md",
-             "api/x.md")
+    pages = (
+        "index.md",
+        "choosing-a-solver.md",
+        "compare.md",
+        "tutorials/new.md",
+        "guide.md",
+        "api/x.md",
+    )
     for page in pages:
         (tmp_path / page).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / page).write_text("# page\n")
-    nav = [{"Home": "index.md"}, {"How to choose a solver": "choosing-a-solver.md"},
-           {"API reference": [{"X": "api/x.md"}]}]
+    nav = [
+        {"Home": "index.md"},
+        {"How to choose a solver": "choosing-a-solver.md"},
+        {"API reference": [{"X": "api/x.md"}]},
+    ]
     config = types.SimpleNamespace(nav=nav, docs_dir=str(tmp_path))
     hooks.on_config(config)
     guide = nav.index({"How to choose a solver": "choosing-a-solver.md"})

@@ -175,10 +175,12 @@ class NystromPreconditioner:
     a matrix with condition number $\lambda_r / \lambda_{\min}$ instead of
     $\lambda_{\max}/\lambda_{\min}$. Between outer steps $A$ moves (new $w^*$, new $\lambda$), but
     $P^{-1}$ stays symmetric positive definite, so CG still converges to the right answer; the
-    only cost of a stale preconditioner is more steps. The adjoint therefore keeps it until a solve
-    takes more than `refresh_ratio` times the steps of the first solve after it was built (or
-    fails), and rebuilds it at the next solve. The `rank` products of a build are counted in
-    that solve's `num_steps`.
+    only cost of a stale preconditioner is more steps. The adjoint therefore keeps it and adds
+    up, solve after solve, the steps each one takes beyond the first solve after the build; when
+    that excess reaches the cost of a build (`rank` products), or a solve fails, it rebuilds the
+    preconditioner at the next solve. This is the rent-or-buy rule: it never spends more than
+    twice what the best rebuilding schedule in hindsight would, with nothing to tune. The `rank`
+    products of a build are counted in that solve's `num_steps`.
 
     Sketched eigenvalues at or below $10^{-8}\lambda_1$ (rank deficiency, or an indefinite
     Hessian) are dropped. Solves under `vmap` neither use nor update it.
@@ -186,8 +188,6 @@ class NystromPreconditioner:
     **Arguments:**
 
     - `rank`: $r$, the products of one build; clipped to the number of parameters.
-    - `refresh_ratio`: rebuild when a solve needs more than this times the steps of the first
-      solve after the last build (> 1).
     - `sketch`, `seed`: as in [`Nystrom`][implicitfn.Nystrom].
 
     ```python
@@ -215,21 +215,11 @@ class NystromPreconditioner:
     """
 
     rank: int = 50
-    refresh_ratio: float = 1.5
     sketch: Literal["gaussian", "columns"] = "gaussian"
     seed: int = 0
 
     def __post_init__(self) -> None:
         check_positive_int(self.rank, "rank")
-        if (
-            isinstance(self.refresh_ratio, bool)
-            or not isinstance(self.refresh_ratio, (int, float))
-            or not self.refresh_ratio > 1
-        ):
-            raise ValueError(
-                f"refresh_ratio: expected a number > 1 (rebuild when a solve takes that many times "
-                f"the steps after the last build), got {self.refresh_ratio!r}."
-            )
         if self.sketch not in _SKETCHES:
             raise ValueError(f"sketch: expected one of {_SKETCHES}, got {self.sketch!r}.")
         check_seed(self.seed)
@@ -274,29 +264,35 @@ def check_reusable(preconditioner: Any, solver: Any, compiling: bool, distribute
 
 
 class ReusedPreconditioner:
-    """One adjoint's preconditioner across its solves: built at the first, kept while the solves
-    stay about as short as the first one after the build, rebuilt after one grew or failed."""
+    """One adjoint's preconditioner across its solves: built at the first, rebuilt once the
+    steps the later solves took beyond the first one after the build add up to a build's cost."""
 
     def __init__(self, config: NystromPreconditioner) -> None:
         self.config = config
         self.builds = 0
         self._apply: Callable[[Tree], Tree] | None = None
+        self._cost = 0  # products of the last build
+        self._setup = 0  # products spent building in the current solve
         self._baseline: int | None = None
-        self._setup = 0
+        self._excess = 0
 
     def __call__(self, operator: AbstractLinearOperator) -> tuple[Callable[[Tree], Tree], int]:
         """`(apply, products spent now)`: the kept preconditioner, or a new one."""
         self._setup = 0
         if self._apply is None:
-            self._apply, self._setup = self.config.build(operator)
-            self._baseline = None
+            self._apply, self._cost = self.config.build(operator)
+            self._setup, self._baseline, self._excess = self._cost, None, 0
             self.builds += 1
         return self._apply, self._setup
 
     def observe(self, num_steps: int, failed: bool) -> None:
         """Decide from the last solve whether the next one rebuilds."""
         steps = num_steps - self._setup
-        if self._baseline is None and not failed:
-            self._baseline = max(steps, 1)
-        elif failed or steps > self.config.refresh_ratio * self._baseline:
+        if failed:
             self._apply = None
+        elif self._baseline is None:
+            self._baseline = steps
+        else:
+            self._excess += max(steps - self._baseline, 0)
+            if self._excess >= self._cost:
+                self._apply = None

@@ -234,7 +234,9 @@ class HyperOptimizer:
       copies of the parameters / hyperparameters.
     - `inner_steps`: $T$, inner optimiser steps per hyper step.
     - `adjoint`: how each hypergradient is computed, an
-      [`ImplicitAdjoint`][implicitfn.ImplicitAdjoint] (default: the exact Hessian, with the solver its structure calls for: MINRES) or an
+      [`ImplicitAdjoint`][implicitfn.ImplicitAdjoint] (default: the exact Hessian, with the
+      solver its structure calls for, MINRES, each solve warm-started from the previous hyper
+      step's solution: 1.8-4.3x fewer products measured on the Performance page) or an
       [`UnrolledAdjoint`][implicitfn.UnrolledAdjoint]; checked here, before any computing. By
       default a failed solve raises [`ImplicitSolveError`][implicitfn.ImplicitSolveError]; with
       `ImplicitAdjoint(on_failure="warn")` the step goes on and the history records the outcome.
@@ -280,7 +282,7 @@ class HyperOptimizer:
     outer_optimizer: OptimizerSpec
     inner_steps: int = 10
     adjoint: implicitfn.AbstractAdjoint = dataclasses.field(
-        default_factory=lambda: implicitfn.ImplicitAdjoint(inner_rtol=math.inf)
+        default_factory=lambda: implicitfn.ImplicitAdjoint(inner_rtol=math.inf, warm_start=True)
     )
     tolerance_schedule: Callable[[int], float] | None = None
     train_metrics: Mapping[str, Callable[..., torch.Tensor]] = dataclasses.field(

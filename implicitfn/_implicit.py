@@ -98,7 +98,7 @@ class _ImplicitBoundary(torch.autograd.Function):
         products, _ = layout.adjoint.reverse(
             layout.condition, solution, hparams, args, cotangent, selected
         )
-        check_gradients(products, layout.input_names)
+        check_gradients(products, lambda: layout.input_names)
         input_grads = [g for g, c in zip(products, layout.constants, strict=True) if c is _TENSOR]
         return (None,) * (1 + layout.num_solution) + tuple(input_grads)
 
@@ -360,7 +360,7 @@ def hypergradient(
     direct_h, products, info = adjoint.reverse_from(
         condition, params, hparams, inner_args, OuterGradient(outer_loss), outer_args, selected
     )
-    check_gradients(products, input_names(hparams, inner_args))
+    check_gradients(products, lambda: input_names(hparams, inner_args))
     check_finite(
         direct_h,
         "dL_V/dhparams",

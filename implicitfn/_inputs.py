@@ -7,7 +7,7 @@ would index them, e.g. `hparams['decay']` or `args[0]`, so an error points at th
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -118,16 +118,17 @@ def input_names(hparams: Any, args: Sequence[Any], keywords: Sequence[str] = ())
     return names
 
 
-def check_gradients(gradients: Sequence[Any], names: Sequence[str]) -> None:
-    """Never hand back a NaN/Inf gradient: name the input whose derivative is not finite."""
+def check_gradients(gradients: Sequence[Any], names: Callable[[], Sequence[str]]) -> None:
+    """Never hand back a NaN/Inf gradient: name the input whose derivative is not finite
+    (`names()` builds the inputs' names, only for the message)."""
     bad = [
-        name
-        for name, gradient in zip(names, gradients, strict=True)
+        i
+        for i, gradient in enumerate(gradients)
         if isinstance(gradient, torch.Tensor) and not all_finite(gradient)
     ]
     if bad:
         raise ImplicitSolveError(
-            f"The gradient for {', '.join(bad)} is NaN/Inf: the training loss's mixed derivative "
+            f"The gradient for {', '.join(names()[i] for i in bad)} is NaN/Inf: the training loss's mixed derivative "
             "d2L/(dw d input) is not finite at the solution (e.g. sqrt or log of a "
             "hyperparameter at 0). Check that input's value or reparametrise it."
         )

@@ -26,7 +26,19 @@ def named_leaves(tree: Any, name: str) -> list[tuple[str, Any]]:
 def check_tree(tree: Any, name: str, allow_empty: bool = False, allow_none: bool = True) -> None:
     """Raise unless every leaf of `tree` is a floating-point tensor (or, where allowed, None)
     and there is at least one tensor."""
-    flat = named_leaves(tree, name)
+    flat = pytree.tree_leaves(tree)
+    tensors = [leaf for leaf in flat if leaf is not None]
+    if (
+        (not allow_none and len(tensors) < len(flat))
+        or (not tensors and not allow_empty)
+        or not all(isinstance(leaf, torch.Tensor) and leaf.is_floating_point() for leaf in tensors)
+    ):
+        _explain_tree(named_leaves(tree, name), tree, name, allow_empty, allow_none)
+
+
+def _explain_tree(flat, tree: Any, name: str, allow_empty: bool, allow_none: bool) -> None:
+    """The error `check_tree` found, naming the leaf (names are built only here: they cost a
+    path walk that every call would otherwise pay)."""
     if not allow_none and any(leaf is None for _, leaf in flat):
         missing = ", ".join(n for n, leaf in flat if leaf is None)
         raise TypeError(
@@ -58,13 +70,15 @@ def check_tree(tree: Any, name: str, allow_empty: bool = False, allow_none: bool
 
 def check_finite(tree: Any, name: str, advice: str) -> None:
     """Raise, naming each leaf with NaN or Inf, when a floating tensor of `tree` has any."""
-    bad = [
-        leaf_name
-        for leaf_name, leaf in named_leaves(tree, name)
-        if isinstance(leaf, torch.Tensor) and leaf.is_floating_point() and not all_finite(leaf)
-    ]
+    leaves = pytree.tree_leaves(tree)
+    bad = [i for i, leaf in enumerate(leaves) if _floating(leaf) and not all_finite(leaf)]
     if bad:
-        raise ValueError(f"{', '.join(bad)}: contains NaN or Inf; {advice}")
+        names = [leaf_name for leaf_name, _ in named_leaves(tree, name)]
+        raise ValueError(f"{', '.join(names[i] for i in bad)}: contains NaN or Inf; {advice}")
+
+
+def _floating(leaf: Any) -> bool:
+    return isinstance(leaf, torch.Tensor) and leaf.is_floating_point()
 
 
 def check_args_finite(args: Sequence[Any]) -> None:

@@ -35,7 +35,6 @@ import math
 import pathlib
 import statistics
 import sys
-import time
 import types
 
 import optuna
@@ -256,27 +255,6 @@ def one_seed(seed: int, args):
     return results, samples, count, perturbation
 
 
-class Stopwatch:
-    """CPU seconds of this process since the start, less the time spent measuring (curves).
-
-    CPU time, not wall-clock: the runs share a loaded machine, and with one torch thread the
-    CPU time is the wall-clock the method would take on a machine of its own."""
-
-    def __init__(self):
-        self.start, self.excluded = time.process_time(), 0.0
-
-    def elapsed(self) -> float:
-        return time.process_time() - self.start - self.excluded
-
-    def measure(self, function):
-        """`function()`, its time excluded."""
-        started = time.process_time()
-        try:
-            return function()
-        finally:
-            self.excluded += time.process_time() - started
-
-
 def tune_strength_by_hypergradient(trainer: Trainer, args):
     """Part 2 (a): the strength and the CNN trained together; returns (curve, strength)."""
     train_loss = with_copies(
@@ -284,7 +262,7 @@ def tune_strength_by_hypergradient(trainer: Trainer, args):
         lambda hparams, x, noise: affine_augment(x, hparams["log_strength"].exp(), noise),
     )
     loop = hyper_loop(trainer.apply, train_loss, args, args.strength_lr)
-    stopwatch = Stopwatch()
+    stopwatch = support.CpuStopwatch()
     state = loop.init(
         trainer.params,
         TensorDict(log_strength=torch.tensor(math.log(args.initial_strength))),
@@ -297,7 +275,8 @@ def tune_strength_by_hypergradient(trainer: Trainer, args):
 
     def record(state, record):  # the jointly trained CNN on the whole validation set
         curve["seconds"].append(stopwatch.elapsed())
-        curve["val_loss"].append(stopwatch.measure(lambda: trainer.val_loss(state.params)))
+        with stopwatch.paused():
+            curve["val_loss"].append(trainer.val_loss(state.params))
         curve["strength"].append(float(state.hparams["log_strength"].exp()))
 
     loop.run(state, outer_steps=args.strength_steps, callbacks=[record], progress=args.progress)
@@ -314,7 +293,7 @@ def search_strength(trainer: Trainer, sampler, budget: float, args):
     """Part 2 (b, c): Optuna with `sampler` until `budget` CPU seconds are spent (the trial
     running then finishes); returns (curve, strength)."""
     curve = {"seconds": [], "val_loss": [], "strength": []}
-    stopwatch = Stopwatch()
+    stopwatch = support.CpuStopwatch()
 
     def objective(trial):
         strength = trial.suggest_float("strength", *STRENGTH_RANGE, log=True)

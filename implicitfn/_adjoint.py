@@ -146,22 +146,6 @@ class AbstractAdjoint(abc.ABC):
         not ready. Nothing by default."""
         return None
 
-    def with_rtol(self, rtol: float) -> ImplicitAdjoint:
-        """This adjoint with its solver's `rtol` replaced, sharing what it keeps between calls
-        (warm start, preconditioner): for a tolerance that changes along an outer loop.
-
-        ```python
-        >>> import implicitfn
-        >>> implicitfn.ImplicitAdjoint(solver=implicitfn.CG(rtol=1e-2)).with_rtol(0.1).solver.rtol
-        0.1
-        ```
-        """
-        if self.solver is None or self.compile:
-            raise ValueError(f"with_rtol: needs a given solver and no compile; got {self!r}.")
-        copy = dataclasses.replace(self, solver=dataclasses.replace(self.solver, rtol=rtol))
-        object.__setattr__(copy, "_state", self._state)
-        return copy
-
     def mean_over_ranks(self, tree: Tree) -> Tree:
         """`tree` averaged over data-parallel ranks; itself without data parallelism."""
         return tree

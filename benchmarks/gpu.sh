@@ -11,4 +11,5 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 $PY benchmarks/gpu_checks.py --device "$DEVICE"
 $PY benchmarks/amortised.py --fast --no-progress --device "$DEVICE"
 $PY benchmarks/overhead.py --fast --device "$DEVICE"
+$PY benchmarks/hessian_modes.py --fast --device "$DEVICE"
 $PY -m implicitfn compare --fast --no-progress --device "$DEVICE" --out outputs/compare-gpu

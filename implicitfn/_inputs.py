@@ -70,8 +70,14 @@ def _explain_tree(flat, tree: Any, name: str, allow_empty: bool, allow_none: boo
 
 def check_finite(tree: Any, name: str, advice: str) -> None:
     """Raise, naming each leaf with NaN or Inf, when a floating tensor of `tree` has any."""
-    leaves = pytree.tree_leaves(tree)
-    bad = [i for i, leaf in enumerate(leaves) if _floating(leaf) and not all_finite(leaf)]
+    leaves = [leaf for leaf in pytree.tree_leaves(tree) if _floating(leaf)]
+    if all_finite(leaves):  # one read for the whole tree; names are looked up only on failure
+        return
+    bad = [
+        i
+        for i, leaf in enumerate(pytree.tree_leaves(tree))
+        if _floating(leaf) and not all_finite(leaf)
+    ]
     if bad:
         names = [leaf_name for leaf_name, _ in named_leaves(tree, name)]
         raise ValueError(f"{', '.join(names[i] for i in bad)}: contains NaN or Inf; {advice}")
@@ -135,6 +141,9 @@ def input_names(hparams: Any, args: Sequence[Any], keywords: Sequence[str] = ())
 def check_gradients(gradients: Sequence[Any], names: Callable[[], Sequence[str]]) -> None:
     """Never hand back a NaN/Inf gradient: name the input whose derivative is not finite
     (`names()` builds the inputs' names, only for the message)."""
+    tensors = [gradient for gradient in gradients if isinstance(gradient, torch.Tensor)]
+    if all_finite(tensors):
+        return
     bad = [
         i
         for i, gradient in enumerate(gradients)

@@ -304,14 +304,19 @@ def concrete(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def all_finite(tree: Any) -> bool:
-    """Whether every leaf of `tree` is free of NaN and Inf (works under transforms)."""
-    return all(_finite(concrete(leaf)) for leaf in leaves(tree))
+    """Whether every leaf of `tree` is free of NaN and Inf (works under transforms).
 
-
-def _finite(tensor: torch.Tensor) -> bool:
-    # A finite sum means every entry is finite (NaN and Inf propagate through a sum); one
-    # reduction, measured 12-35x faster than `isfinite(t).all()` on 6e4-1e6 entries. A
-    # non-finite sum may be an overflow of finite entries: then every entry is looked at.
-    if (tensor.is_floating_point() or tensor.is_complex()) and bool(torch.isfinite(tensor.sum())):
-        return True
-    return bool(torch.isfinite(tensor).all())
+    A finite sum means every entry is finite (NaN and Inf propagate through a sum): one
+    reduction per leaf, measured 12-35x faster than `isfinite(t).all()` on 6e4-1e6 entries,
+    and one read of the stacked sums for the whole tree (a read is a device synchronisation,
+    and ~5 us of Python even on the CPU). A non-finite sum may be an overflow of finite
+    entries: then every entry of every leaf is looked at.
+    """
+    tensors = [concrete(leaf) for leaf in leaves(tree)]
+    sums = [t.sum() for t in tensors if t.is_floating_point() or t.is_complex()]
+    if len(sums) == len(tensors) and sums:
+        kinds = {(s.dtype, s.device) for s in sums}
+        total = sums[0] if len(sums) == 1 else torch.stack(sums) if len(kinds) == 1 else None
+        if total is not None and bool(torch.isfinite(total).all()):
+            return True
+    return all(bool(torch.isfinite(t).all()) for t in tensors)

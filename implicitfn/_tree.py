@@ -28,6 +28,8 @@ Tree = Any
 
 def leaves(tree: Tree) -> list[torch.Tensor]:
     """The tensor leaves of `tree`, in a fixed order."""
+    if isinstance(tree, torch.Tensor):  # the solvers' raveled vectors: no tree walk
+        return [tree]
     return pytree.tree_leaves(tree)
 
 

@@ -43,3 +43,21 @@ def test_vmap_over_tree_algebra_equals_loop():
     batched = torch.func.vmap(lambda t: implicitfn.tree_vdot(t, t))(batch)
     looped = torch.stack([implicitfn.tree_vdot(batch[i], batch[i]) for i in range(4)])
     torch.testing.assert_close(batched, looped)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), None])
+def test_all_finite_reads_the_whole_tree_once_and_is_exact(bad):
+    """One read for the tree, and no false alarm when a leaf's sum overflows its dtype."""
+    from implicitfn._solution import all_finite
+
+    overflowing = torch.full((4,), 3e38, dtype=torch.float32)  # finite, sum = inf in float32
+    tree = {
+        "a": overflowing,
+        "b": {"c": torch.ones(3, dtype=torch.float64), "d": torch.zeros(2, 2)},
+        "e": torch.arange(3),  # integer leaves are finite by construction
+    }
+    if bad is not None:
+        tree["b"]["c"] = tree["b"]["c"].clone()
+        tree["b"]["c"][1] = bad
+    assert all_finite(tree) is (bad is None)
+    assert all_finite(TensorDict({"w": torch.ones(2), "v": torch.ones(3)})) is True

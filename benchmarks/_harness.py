@@ -8,12 +8,15 @@
   weight-decay hyperparameter per weight), trained tightly in float64 and run in float32, with
   the exact hypergradient from a dense Cholesky solve in float64 (cached on disk: it takes
   minutes for the MLP).
+- Devices: the benchmarks take `--device` (cpu, or cuda[:index]; `before_after.py` excepted),
+  checked by `check_device` before any work; the timers synchronise CUDA (`synchronize`).
 - Peers: the same problem written for torchopt (`torchopt.diff.implicit.custom_root` on tuples
   of tensors, as its documentation does it) and for plain reverse-mode unrolling.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 import os
@@ -31,6 +34,9 @@ import torch.utils._pytree as pytree
 
 import implicitfn
 from implicitfn.compare import make_problem, train_to_optimum
+
+# The device check of `implicitfn compare --device` (private there; reused, not copied).
+from implicitfn.compare.cli import _device as _check_device
 
 # torchopt 0.7.3 calls the deprecated `functorch.vjp` on every backward pass; the warning is
 # not about this benchmark (and printing it would cost time inside the timed region).
@@ -53,6 +59,17 @@ def machine(threads: int) -> str:
         f"{cpu}, {os.cpu_count()} cores, load average {load:.1f}; torch {torch.__version__}, "
         f"{threads} torch thread(s)"
     )
+
+
+def check_device(parser: argparse.ArgumentParser, device: str) -> str:
+    """`device` when it names a usable torch device (cpu, or cuda[:index] with CUDA present);
+    otherwise a usage error through `parser` (exit status 2) that names `--device` and the fix,
+    before any work is done."""
+    try:
+        _check_device(device)
+    except ValueError as error:
+        parser.error(str(error))
+    return device
 
 
 # ---------------------------------------------------------------------------------------------

@@ -69,7 +69,7 @@ import implicitfn
 from implicitfn import hyperopt
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))  # run as a script: the harness is a sibling
-from _harness import machine  # noqa: E402
+from _harness import check_device, machine, synchronize  # noqa: E402
 
 DTYPE = torch.float64
 METHODS = ("cg-zero", "cg-warm", "nystrom", "nystrom-warm", "cg-warm-schedule")
@@ -275,10 +275,12 @@ class Run:
         adjoint = self.adjoint
         if self.schedule is not None:
             adjoint = adjoint.with_rtol(self.schedule(step + 1))
+        synchronize()
         tick = time.perf_counter()
         grad, info = implicitfn.hypergradient(
             problem.inner, problem.outer, self.params, hparams, adjoint=adjoint
         )
+        synchronize()
         self.wall += time.perf_counter() - tick
         self.hvps += int(info.num_steps)
         # Normalised gradient descent: the largest log-decay moves by outer_lr. Unlike Adam, whose
@@ -289,6 +291,7 @@ class Run:
         with torch.no_grad():
             for leaf, g in zip(self.leaves, leaves_of(grad), strict=True):
                 leaf -= problem.outer_lr / max(largest, 1e-30) * g
+        synchronize()
         self.total += time.perf_counter() - started
         if check:  # not timed
             exact, _ = implicitfn.hypergradient(
@@ -339,6 +342,7 @@ def main() -> None:
     parser.add_argument("--plot", type=pathlib.Path, default=None, help="save a figure here")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args()
+    check_device(parser, args.device)
     torch.set_num_threads(args.threads)
     outer_steps = args.outer_steps or (3 if args.fast else 100)
     builders = {

@@ -13,6 +13,11 @@ Run: `python benchmarks/compiled.py [--fast] [--threads 1] [--rounds 5] [--skip-
 optional (`pip install -e .[benchmarks]`); without it the jaxopt columns read "n/a" and a note
 says so. By default inductor compiles into a fresh cache directory, so the compile time is the
 cold one a user pays once; `--reuse-cache` (implied by `--fast`) uses the normal cache.
+
+`--device cuda[:index]` runs the two implicitfn columns on a GPU (the float64 training and the
+dense reference stay on the CPU; errors are computed there). JAX stays on the CPU whatever the
+device (`JAX_PLATFORMS=cpu`, the CPU JAX of `.[benchmarks]`), so on a GPU the jaxopt columns
+compare a GPU against a CPU.
 """
 
 from __future__ import annotations
@@ -35,6 +40,11 @@ ARGS.add_argument(
     "--fast", action="store_true", help="CI mode: logistic regression only, few repeats"
 )
 ARGS.add_argument("--threads", type=int, default=1, help="torch and XLA threads (default 1)")
+ARGS.add_argument(
+    "--device",
+    default="cpu",
+    help="cpu (default) or cuda[:index] for implicitfn; jax (jaxopt) always runs on the CPU",
+)
 ARGS.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median reported)")
 ARGS.add_argument("--repeats", type=int, default=5, help="calls per round (median taken)")
 ARGS.add_argument("--skip-1m", action="store_true", help="leave out the 1.08M-parameter MLP")
@@ -110,13 +120,13 @@ class Case:
     gradient_norm: float
 
 
-def digits_problem(name: str, network: torch.nn.Module, penalty: float) -> Problem:
-    """The compare command's classifier problem for any network (float32, seed 0)."""
+def digits_problem(name: str, network: torch.nn.Module, penalty: float, device: str) -> Problem:
+    """The compare command's classifier problem for any network (float32, seed 0), on `device`."""
     images, labels = load_digits(return_X_y=True)
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
-    x = torch.as_tensor(images / 16.0, dtype=torch.float32)[order]
-    y = torch.as_tensor(labels, dtype=torch.int64)[order]
-    apply, params = implicitfn.functional_model(network)
+    x = torch.as_tensor(images / 16.0, dtype=torch.float32)[order].to(device)
+    y = torch.as_tensor(labels, dtype=torch.int64)[order].to(device)
+    apply, params = implicitfn.functional_model(network.to(device))
     hparams = params.apply(lambda p: torch.full_like(p, math.log(penalty)))
 
     def penalty_fn(p, h, x, y):
@@ -134,16 +144,22 @@ def digits_problem(name: str, network: torch.nn.Module, penalty: float) -> Probl
     )
 
 
-def as_float32(problem: Problem, params: Any) -> Problem:
+def as_float32(problem: Problem, params: Any, device: str) -> Problem:
+    """The problem in float32 at `params`, every tensor on `device`."""
+
+    def tensor(t: torch.Tensor) -> torch.Tensor:
+        return t.to(device, torch.float32) if t.is_floating_point() else t.to(device)
+
     def cast(tree):
-        return tree.apply(lambda t: t.float()) if isinstance(tree, TensorDict) else tree
+        # Leaf by leaf: TensorDict.to(device) would also set its device, changing its pytree spec.
+        return tree.apply(tensor) if isinstance(tree, TensorDict) else tree
 
     return dataclasses.replace(
         problem,
         params=cast(params),
         hparams=cast(problem.hparams),
-        inner_args=tuple(t.float() if t.is_floating_point() else t for t in problem.inner_args),
-        outer_args=tuple(t.float() if t.is_floating_point() else t for t in problem.outer_args),
+        inner_args=tuple(tensor(t) for t in problem.inner_args),
+        outer_args=tuple(tensor(t) for t in problem.outer_args),
     )
 
 
@@ -181,7 +197,7 @@ def build_cases(args: argparse.Namespace) -> list[Case]:
         problem64 = make_problem(name, dtype=torch.float64)
         params, gradient_norm = train_to_optimum(problem64)
         reference = dense_reference(problem64, params)
-        problem32 = as_float32(problem64, params)
+        problem32 = as_float32(problem64, params, args.device)
         cases += [Case(name, k, problem32, reference, gradient_norm) for k in budgets]
     if not (args.fast or args.skip_1m):
         torch.manual_seed(0)
@@ -191,7 +207,7 @@ def build_cases(args: argparse.Namespace) -> list[Case]:
         )  # fmt: skip
         # A stronger penalty (1e-2) keeps the Hessian positive definite after a short L-BFGS run
         # (the dense reference, 1.08M^2 entries, does not fit: accuracy is checked peer to peer).
-        problem = digits_problem("mlp-1m", network, penalty=1e-2)
+        problem = digits_problem("mlp-1m", network, penalty=1e-2, device=args.device)
         params, gradient_norm = H.minimise_lbfgs(
             problem, problem.params, max_iter=60, history_size=10, line_search_fn="strong_wolfe"
         )
@@ -226,8 +242,8 @@ def jax_hypergradient(case: Case) -> Callable[[], Any]:
     keys = leaf_keys(p.params)
     layers = sorted({k[0] for k in keys if isinstance(k, tuple)}, key=int)
 
-    def to_jax(tree):
-        return {k: jnp.asarray(tree.get(k).numpy()) for k in keys}
+    def to_jax(tree):  # jax runs on the CPU: the inputs are copied there
+        return {k: jnp.asarray(tree.get(k).cpu().numpy()) for k in keys}
 
     def predict(w, x):
         if not layers:  # logistic regression: a single Linear
@@ -260,7 +276,7 @@ def jax_hypergradient(case: Case) -> Callable[[], Any]:
         return jax.grad(lambda h: outer_loss(inner(w, h, x, y), h, x_val, y_val))(h)
 
     inputs = (to_jax(p.params), to_jax(p.hparams)) + tuple(
-        jnp.asarray(t.numpy()) for t in (*p.inner_args, *p.outer_args)
+        jnp.asarray(t.cpu().numpy()) for t in (*p.inner_args, *p.outer_args)
     )
 
     def run():
@@ -280,8 +296,10 @@ def ravel_jax(result) -> torch.Tensor:
 
 
 def first_call(fn: Callable[[], Any]) -> tuple[Any, float]:
+    H.synchronize()
     start = time.perf_counter()
     result = fn()
+    H.synchronize()
     return result, time.perf_counter() - start
 
 
@@ -306,7 +324,7 @@ def measure(case: Case, args: argparse.Namespace) -> list[dict[str, Any]]:
     firsts, values = {}, {}
     for name, fn in contenders.items():  # the first call compiles
         value, firsts[name] = first_call(fn)
-        values[name] = ravel_jax(value) if name == "jax" else value
+        values[name] = ravel_jax(value) if name == "jax" else value.cpu()  # compared on the CPU
     repeats = args.repeats if firsts["eager"] < 0.5 else 1  # seconds per call: fewer repeats
     for fn in contenders.values():  # warm-up: caches, allocator, lazy initialisation
         H.median_time(fn, repeats)
@@ -390,6 +408,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
 
 def main() -> None:
     args = ARGS.parse_args()
+    H.check_device(ARGS, args.device)
     torch.set_num_threads(args.threads)
     if args.fast:
         args.rounds, args.repeats = min(args.rounds, 3), min(args.repeats, 3)
@@ -397,12 +416,13 @@ def main() -> None:
         args.modes = ["default"] if args.fast else ["default", "reduce-overhead"]
     cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR", "default (may be warm)")
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else "all"
+    where = "" if args.device == "cpu" else f", implicitfn on {args.device} (jax on the CPU)"
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} torch thread(s), CPU cores "
         f"{cores}, XLA_FLAGS="
         f"{os.environ.get('XLA_FLAGS', '')!r}; {JAX_NOTE}\ninductor cache: {cache}; "
-        f"compile modes {args.modes}; float32; times: median of {args.rounds} interleaved "
-        f"rounds of {args.repeats} calls\n"
+        f"compile modes {args.modes}; float32{where}; times: median of {args.rounds} "
+        f"interleaved rounds of {args.repeats} calls\n"
     )
     rows = []
     for case in build_cases(args):

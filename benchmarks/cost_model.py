@@ -107,6 +107,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, nargs="+", default=[5, 10, 20])
     parser.add_argument("--problems", nargs="+", default=["logreg", "mlp"])
     args = parser.parse_args()
+    H.check_device(parser, args.device)
     torch.set_num_threads(args.threads)
     problems = ["logreg"] if args.fast else args.problems
     steps = [10] if args.fast else args.steps

@@ -57,6 +57,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16, help="vectors in the vmapped batch")
     parser.add_argument("--fast", action="store_true", help="3 repeats, 4 vectors (CI)")
     args = parser.parse_args()
+    H.check_device(parser, args.device)
     if args.fast:
         args.repeats, args.batch = 3, 4
     torch.set_num_threads(args.threads)

@@ -19,6 +19,7 @@ the medians are reported with ratios relative to `implicitfn loop` in the same r
 
     python benchmarks/imaml_vmap.py             # T = 1, 4, 16, 64
     python benchmarks/imaml_vmap.py --fast      # T = 4, 16, two repeats
+    python benchmarks/imaml_vmap.py --device cuda   # on a GPU (tasks drawn on the CPU)
 """
 
 from __future__ import annotations
@@ -42,6 +43,10 @@ from tqdm import tqdm  # noqa: E402
 
 import implicitfn  # noqa: E402
 
+# The harness (a sibling when run as a script): the device check and the CUDA-aware timer sync.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _harness import check_device, synchronize  # noqa: E402
+
 # The task sampler and the adaptation loop are those of examples/imaml_digits.py.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from imaml_digits import TaskSampler, accelerated_descent, load_classes  # noqa: E402
@@ -60,6 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--rtol", type=float, default=1e-5)
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:index]")
     parser.add_argument("--fast", action="store_true", help="T = 4, 16 and two repeats")
     parser.add_argument("--plot", type=Path, default=Path("outputs") / "imaml_vmap.png")
     args = parser.parse_args(argv)
@@ -71,6 +77,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--tasks: expected comma-separated integers, got {args.tasks!r}")
     if not args.tasks or min(args.tasks) <= 0 or args.repeats <= 0 or args.threads <= 0:
         parser.error("--tasks, --repeats and --threads must be positive")
+    check_device(parser, args.device)
     args.dtype = getattr(torch, args.dtype)
     return args
 
@@ -80,27 +87,30 @@ def parse_args(argv=None) -> argparse.Namespace:
 # --------------------------------------------------------------------------------------------
 
 
-def sample_tasks(num_tasks, dtype, seed=0):
-    """`num_tasks` 4-way 1-shot tasks on digits 0-5: (xs, ys, xq, yq), task dimension first."""
+def sample_tasks(num_tasks, dtype, device, seed=0):
+    """`num_tasks` 4-way 1-shot tasks on digits 0-5: (xs, ys, xq, yq), task dimension first.
+
+    Drawn on the CPU (the same tasks on any device), returned on `device`."""
     by_class = load_classes(range(6), rotations=False)
     generator = torch.Generator().manual_seed(seed)
     xs, ys, xq, yq = TaskSampler(by_class, WAYS, SHOTS, QUERIES, generator).sample(num_tasks)
-    return xs.to(dtype), ys, xq.to(dtype), yq
+    return xs.to(device, dtype), ys.to(device), xq.to(device, dtype), yq.to(device)
 
 
-def init_theta(dtype, seed=0):
-    """PyTorch's default initialisation of the Conv2d and Linear layers."""
+def init_theta(dtype, device, seed=0):
+    """PyTorch's default initialisation of the Conv2d and Linear layers (drawn on the CPU)."""
     gen = torch.Generator().manual_seed(seed)
 
     def uniform(shape, fan_in):
         return (2 * torch.rand(shape, generator=gen, dtype=dtype) - 1) / math.sqrt(fan_in)
 
-    return {
+    theta = {
         "conv_w": uniform((CHANNELS, 1, 3, 3), 9),
         "conv_b": uniform((CHANNELS,), 9),
         "head_w": uniform((WAYS, 9 * CHANNELS), 9 * CHANNELS),
         "head_b": uniform((WAYS,), 9 * CHANNELS),
     }
+    return {k: v.to(device) for k, v in theta.items()}
 
 
 def logits(w, x):
@@ -200,16 +210,19 @@ def meta_gradient(meta_loss, hparams, tasks):
 
 
 def timed(meta_loss, hparams, tasks):
+    synchronize()
     start = time.perf_counter()
     value = meta_gradient(meta_loss, hparams, tasks)
+    synchronize()
     return time.perf_counter() - start, value
 
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    theta = {k: v.requires_grad_() for k, v in init_theta(args.dtype).items()}
-    hparams = {"theta": theta, "log_lam": torch.tensor(0.0, dtype=args.dtype, requires_grad=True)}
+    theta = {k: v.requires_grad_() for k, v in init_theta(args.dtype, args.device).items()}
+    log_lam = torch.tensor(0.0, dtype=args.dtype, device=args.device, requires_grad=True)
+    hparams = {"theta": theta, "log_lam": log_lam}
     ours_vmap, ours_loop = make_implicitfn(args)
     methods = {"implicitfn vmap": ours_vmap, "implicitfn loop": ours_loop}
     try:
@@ -218,16 +231,17 @@ def main(argv=None) -> list[dict]:
     except ImportError as error:
         print(f"torchopt not available ({error}); skipping it")
 
+    where = "" if args.device == "cpu" else f" on {args.device}"
     print(
         f"implicit MAML meta-gradient, {WAYS}-way {SHOTS}-shot digits, CNN with {CHANNELS} "
         f"filters, {args.inner_steps} inner steps, CG(max_steps={args.cg_steps}, "
-        f"rtol={args.rtol}), {args.dtype}, torch {torch.__version__}, "
+        f"rtol={args.rtol}), {args.dtype}{where}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} thread(s); median of {args.repeats}"
     )
     rows, failures = [], {}
     bar = tqdm(total=len(args.tasks) * len(methods) * (1 + args.repeats), desc="benchmark")
     for num_tasks in args.tasks:
-        tasks = sample_tasks(num_tasks, args.dtype)
+        tasks = sample_tasks(num_tasks, args.dtype, args.device)
         values, times = {}, {}
         for name, meta_loss in methods.items():  # warm-up, and the value to compare
             bar.update(1 + args.repeats)

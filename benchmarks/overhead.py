@@ -5,7 +5,8 @@ outer gradient, one gradient of the training loss with `create_graph=True` (in w
 k conjugate-gradient steps whose products go back through that retained graph, and the mixed
 product $B^\\top v$ through the same graph: 2 gradients + k + 1 products, no checks, no
 reports. implicitfn adds one product (the measured residual that judges the solve), its input
-checks and its bookkeeping; torchopt (`custom_root` + `solve_cg`) is timed alongside. Every
+checks and its bookkeeping; "floor+r" is the floor with that product, so that `x floor+r`
+is the library's own overhead; torchopt (`custom_root` + `solve_cg`) is timed alongside. Every
 method runs exactly k CG steps (`rtol=0`) on the same problem and point; the answers are
 compared. Times are medians over interleaved rounds, ratios are medians of same-round ratios
 (`_harness.py`); one torch thread unless `--threads`.
@@ -28,8 +29,10 @@ import implicitfn
 warnings.filterwarnings("ignore", category=FutureWarning, module=r"torchopt\.")
 
 
-def floor(setup: H.Setup, steps: int):
-    """The hypergradient by hand: 2 gradients + `steps` + 1 products through one graph."""
+def floor(setup: H.Setup, steps: int, measure_residual: bool = False):
+    """The hypergradient by hand: 2 gradients + `steps` + 1 products through one graph, and
+    with `measure_residual` one more product for the true residual |b - A v| that implicitfn
+    judges every solve by (the same maths as implicitfn, still without checks or reports)."""
     x, y = setup.inner_args
     x_val, y_val = setup.outer_args
 
@@ -57,6 +60,9 @@ def floor(setup: H.Setup, steps: int):
             r = tuple(a - alpha * b for a, b in zip(r, ap, strict=True))
             rr, previous = dot(r, r), rr
             p = tuple(a + (rr / previous) * b for a, b in zip(r, p, strict=True))
+        if measure_residual:
+            residual = tuple(a - b for a, b in zip(rhs, product(v), strict=True))
+            float(dot(residual, residual))  # read, as implicitfn reads it to judge the solve
         return tuple(-g for g in torch.autograd.grad(gradient, meta, v))
 
     return run
@@ -98,13 +104,14 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:index]")
     parser.add_argument("--rounds", type=int, default=15)
     args = parser.parse_args()
+    H.check_device(parser, args.device)
     torch.set_num_threads(args.threads)
     print(H.machine(args.threads))
     problems, budgets = (["logreg"], [10]) if args.fast else (["logreg", "mlp"], [5, 10, 20])
     rounds = 5 if args.fast else args.rounds
     print(
-        f"\n{'problem':<8}{'k':>4}{'floor ms':>10}{'implicitfn':>12}{'x floor':>9}"
-        f"{'torchopt':>10}{'x floor':>9}{'max rel. diff':>15}"
+        f"\n{'problem':<8}{'k':>4}{'floor ms':>10}{'floor+r':>10}{'implicitfn':>12}{'x floor':>9}"
+        f"{'x floor+r':>11}{'torchopt':>10}{'x floor':>9}{'max rel. diff':>15}"
     )
     for name in problems:
         setup = H.load(name, progress=H.stderr_progress, device=args.device)
@@ -112,6 +119,7 @@ def main() -> None:
             solver = implicitfn.CG(max_steps=k, rtol=0)
             methods = {
                 "floor": floor(setup, k),
+                "floor+r": floor(setup, k, measure_residual=True),
                 "implicitfn": implicitfn_plain(setup, solver),
                 "torchopt": H.torchopt_custom_root(
                     setup, torchopt.linear_solve.solve_cg(maxiter=k, rtol=0.0)
@@ -129,8 +137,10 @@ def main() -> None:
             base = times["floor"]
             print(
                 f"{name:<8}{k:>4}{H.median(base) * 1e3:>10.2f}"
+                f"{H.median(times['floor+r']) * 1e3:>10.2f}"
                 f"{H.median(times['implicitfn']) * 1e3:>10.2f}ms"
                 f"{H.paired_ratio(times['implicitfn'], base):>8.2f}x"
+                f"{H.paired_ratio(times['implicitfn'], times['floor+r']):>10.2f}x"
                 f"{H.median(times['torchopt']) * 1e3:>8.2f}ms"
                 f"{H.paired_ratio(times['torchopt'], base):>8.2f}x{diff:>15.1e}"
             )

@@ -169,6 +169,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15, help="timed rounds per table")
     parser.add_argument("--problems", nargs="+", default=["logreg", "mlp"])
     args = parser.parse_args()
+    H.check_device(parser, args.device)
     torch.set_num_threads(args.threads)
     problems = ["logreg"] if args.fast else args.problems
     rounds = 3 if args.fast else args.rounds

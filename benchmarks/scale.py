@@ -22,9 +22,15 @@ again and reads the peak (`VmHWM` in `/proc/self/status`). The increase is the p
 resident size before the call: every page the call touched (tensors, the autograd graph, the
 allocator's slack), none of the setup. Then the method is timed in the same process.
 
+With `--device cuda[:index]` the data, the inner training and every method run on the GPU (the
+data are still drawn on the CPU, so the problems are the same), and the memory is the GPU's:
+torch's peak allocated CUDA memory during the call (`torch.cuda.max_memory_allocated`, after
+`reset_peak_memory_stats`) minus what was allocated before it; host memory is not counted.
+
 Run:
     python benchmarks/scale.py          # both problems, about 5 minutes on one thread
     python benchmarks/scale.py --fast   # H = 1,334 (100k hyperparameters), 20k examples: CI
+    python benchmarks/scale.py --device cuda   # on a GPU
 """
 
 from __future__ import annotations
@@ -44,6 +50,9 @@ import warnings
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the harness is a sibling
+import _harness as H  # noqa: E402
 
 warnings.filterwarnings("ignore", category=FutureWarning, module=r"torchopt\.")
 
@@ -93,8 +102,15 @@ PROBLEMS = {
 }
 
 
-def build(kind: str, size: int) -> dict:
-    """Data, initial parameters and hyperparameters (seeded)."""
+def build(kind: str, size: int, device: str) -> dict:
+    """Data, initial parameters and hyperparameters (seeded; drawn on the CPU), on `device`."""
+    return {
+        key: tuple(t.to(device) for t in value) if isinstance(value, tuple) else value.to(device)
+        for key, value in _build(kind, size).items()
+    }
+
+
+def _build(kind: str, size: int) -> dict:
     generator = torch.Generator().manual_seed(0)
     if kind == "decay":
         from sklearn.datasets import load_digits
@@ -258,27 +274,35 @@ def proc_status(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def child(name: str, path: str, kind: str, repeats: int, threads: int) -> None:
+def child(name: str, path: str, kind: str, repeats: int, threads: int, device: str) -> None:
     torch.set_num_threads(threads)
-    state = torch.load(path, weights_only=False)
+    state = torch.load(path, weights_only=False, map_location=device)
     run = method(name, state, kind)
     train_loss = PROBLEMS[kind][0]
     run()  # warm-up: lazy initialisation is not the method's memory
     gc.collect()
-    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
-    if trim is not None:
-        trim(0)  # give freed heap pages back, so that the resident size is what is alive
-    try:
-        with open("/proc/self/clear_refs", "w") as clear:
-            clear.write("5")  # reset the peak RSS to the current RSS
-        reset = True
-    except OSError:
-        reset = False
-    before = proc_status("VmRSS")
+    on_gpu = torch.device(device).type == "cuda"
+    if on_gpu:  # the GPU's memory: what torch allocates there during the call
+        H.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+        before, reset = torch.cuda.memory_allocated(device), True
+    else:
+        trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+        if trim is not None:
+            trim(0)  # give freed heap pages back, so that the resident size is what is alive
+        try:
+            with open("/proc/self/clear_refs", "w") as clear:
+                clear.write("5")  # reset the peak RSS to the current RSS
+            reset = True
+        except OSError:
+            reset = False
+        before = proc_status("VmRSS")
+    H.synchronize()
     start = time.perf_counter()
     result, infos = run()
+    H.synchronize()
     first = time.perf_counter() - start
-    peak = proc_status("VmHWM")
+    peak = torch.cuda.max_memory_allocated(device) if on_gpu else proc_status("VmHWM")
     params = [p.detach().requires_grad_() for p in state["params"]]
 
     def gradient():
@@ -288,18 +312,21 @@ def child(name: str, path: str, kind: str, repeats: int, threads: int) -> None:
     gradient()
     grad_times, times = [], []
     for _ in range(repeats):  # interleaved with the gradient that is the unit
+        H.synchronize()
         t = time.perf_counter()
         gradient()
+        H.synchronize()
         grad_times.append(time.perf_counter() - t)
         t = time.perf_counter()
         run()
+        H.synchronize()
         times.append(time.perf_counter() - t)
     flat = torch.cat([g.reshape(-1) for g in result])
     info = infos[-1] if infos else None
     print(json.dumps(dict(
         method=name, increase=peak - before, reset=reset, first_s=first,
         time_s=statistics.median(times), gradient_s=statistics.median(grad_times),
-        result=_save(flat, path, name),
+        result=_save(flat.cpu(), path, name),
         steps=None if info is None else int(info.num_steps),
         outcome=None if info is None else info.outcome_names()[0],
     )))  # fmt: skip
@@ -312,6 +339,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fast", action="store_true", help="smaller sizes, one repeat (CI)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:index]")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--hidden", type=int, default=13_334)
     parser.add_argument("--examples", type=int, default=100_000)
@@ -322,13 +350,11 @@ def main() -> None:
     parser.add_argument("--state", help=argparse.SUPPRESS)
     parser.add_argument("--kind", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    H.check_device(parser, args.device)
     if args.child:
-        child(args.child, args.state, args.kind, args.repeats, args.threads)
+        child(args.child, args.state, args.kind, args.repeats, args.threads, args.device)
         return
     from tqdm import tqdm
-
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import _harness as H
 
     torch.set_num_threads(args.threads)
     if args.fast:  # each method is a fresh process (~3 s to import torch): two of them
@@ -336,7 +362,8 @@ def main() -> None:
         args.methods = ["implicitfn CG", "torchopt CG"]
     sizes = {"decay": args.hidden, "weights": args.examples}
     sizes = {kind: sizes[kind] for kind in args.problems}
-    print(f"# Scale\n\nMachine: {H.machine(args.threads)}\n")
+    where = "" if args.device == "cpu" else f"; device {args.device}"
+    print(f"# Scale\n\nMachine: {H.machine(args.threads)}{where}\n")
     with (
         tempfile.TemporaryDirectory() as folder,
         tqdm(
@@ -347,7 +374,7 @@ def main() -> None:
         ) as bar,
     ):
         for kind, size in sizes.items():
-            state = build(kind, size)
+            state = build(kind, size, args.device)
             bar.set_postfix_str(f"{kind}: inner training")
             state = train(state, kind, iterations=args.train_steps if kind == "decay" else 200)
             num_params = sum(p.numel() for p in state["params"])
@@ -362,11 +389,11 @@ def main() -> None:
                 bar.set_postfix_str(f"{kind}: {name}")
                 command = [sys.executable, os.path.abspath(__file__), "--child", name, "--state",
                            path, "--kind", kind, "--repeats", str(args.repeats), "--threads",
-                           str(args.threads)]  # fmt: skip
+                           str(args.threads), "--device", args.device]  # fmt: skip
                 output = subprocess.run(command, capture_output=True, text=True, check=True)
                 rows[name] = json.loads(output.stdout.strip().splitlines()[-1])
                 bar.update()
-            report(kind, num_params, num_hparams, state, rows)
+            report(kind, num_params, num_hparams, state, rows, args.device)
 
 
 def top_eigenvalue(state: dict, kind: str) -> float:
@@ -386,7 +413,9 @@ def top_eigenvalue(state: dict, kind: str) -> float:
     return estimate
 
 
-def report(kind: str, num_params: int, num_hparams: int, state: dict, rows: dict) -> None:
+def report(
+    kind: str, num_params: int, num_hparams: int, state: dict, rows: dict, device: str
+) -> None:
     param_bytes = 4 * num_params
     if kind == "decay":
         title = (f"MLP 64-{state['params'][0].shape[0]}-10 on digits: {num_params:,} weights, "
@@ -399,7 +428,8 @@ def report(kind: str, num_params: int, num_hparams: int, state: dict, rows: dict
           f"{param_bytes / 2**20:.1f} MiB (float32); training data "
           f"{state['x'].numel() * 4 / 2**20:.1f} MiB.\n")  # fmt: skip
     reference = rows["torchopt CG"]["result"]
-    print("| method | time (s) | time in gradients | peak memory increase (MiB) | "
+    memory = "peak memory increase" if device == "cpu" else f"peak {device} memory increase"
+    print(f"| method | time (s) | time in gradients | {memory} (MiB) | "
           "x parameter size | vs torchopt | CG steps | cosine to torchopt's |")  # fmt: skip
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     torchopt = rows["torchopt CG"]

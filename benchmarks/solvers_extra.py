@@ -4,18 +4,25 @@ step sizes and the new solvers buy, in operator products (and seconds where it m
 Run: `python benchmarks/solvers_extra.py` (about a minute on one CPU thread; `--fast` for less).
 All timings use one thread (`torch.set_num_threads(1)`); products are what `SolveInfo.num_steps`
 reports, so they include the probes of `preconditioner="jacobi"` and the power iteration of
-`alpha="auto"`.
+`alpha="auto"`. `--device cuda[:index]` runs the same problems (built on the CPU, then moved)
+on a GPU, still in float64.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+import warnings
 
 import torch
 from tensordict import TensorDict
 
 import implicitfn
+
+# The harness's CUDA-aware timer sync; importing it must not change this script's warning
+# filters (the harness silences solver warnings).
+with warnings.catch_warnings():
+    from _harness import check_device, synchronize
 
 F64 = torch.float64
 
@@ -30,7 +37,9 @@ def spd(size: int, condition: float, seed: int) -> torch.Tensor:
 
 def matrix_operator(matrix: torch.Tensor, tags=("symmetric", "positive_semidefinite")):
     return implicitfn.FunctionLinearOperator(
-        lambda v: matrix @ v, torch.zeros(matrix.shape[0], dtype=matrix.dtype), tags=set(tags)
+        lambda v: matrix @ v,
+        torch.zeros(matrix.shape[0], dtype=matrix.dtype, device=matrix.device),
+        tags=set(tags),
     )
 
 
@@ -57,15 +66,20 @@ def logistic_data(n, d, seed, scales=None):
     return x, y
 
 
-def logistic_hessian(d=30, scaled=True):
+def logistic_hessian(device: str, d=30, scaled=True):
     """The Hessian operator of a logistic regression at its minimum (features badly scaled).
 
     The minimum: 25 Newton steps from zero on the raveled weights (dense Hessian, exact solves).
     """
     scales = torch.logspace(-1, 1, d, dtype=F64) if scaled else None
-    x, y = logistic_data(400, d, 0, scales)
-    hparams = TensorDict({"log_penalty": torch.full((d,), -3.0, dtype=F64)})
-    start = TensorDict({"w": torch.zeros(d, dtype=F64), "b": torch.zeros((), dtype=F64)})
+    x, y = (t.to(device) for t in logistic_data(400, d, 0, scales))
+    hparams = TensorDict({"log_penalty": torch.full((d,), -3.0, dtype=F64, device=device)})
+    start = TensorDict(
+        {
+            "w": torch.zeros(d, dtype=F64, device=device),
+            "b": torch.zeros((), dtype=F64, device=device),
+        }
+    )
     flat, unravel = implicitfn.tree_ravel(start)
 
     def loss(flat):
@@ -77,17 +91,22 @@ def logistic_hessian(d=30, scaled=True):
         )
     params = unravel(flat)
     operator = implicitfn.Hessian().linearize(logistic_loss, params, hparams, x, y)
-    return operator, TensorDict({"w": torch.ones(d, dtype=F64), "b": torch.ones((), dtype=F64)})
+    return operator, TensorDict(
+        {
+            "w": torch.ones(d, dtype=F64, device=device),
+            "b": torch.ones((), dtype=F64, device=device),
+        }
+    )
 
 
-def mlp_hessian(width=32, n=256, seed=0):
+def mlp_hessian(device: str, width=32, n=256, seed=0):
     """An MLP's exact Hessian at an approximate minimum: symmetric and indefinite."""
     torch.manual_seed(seed)
     net = torch.nn.Sequential(
         torch.nn.Linear(8, width), torch.nn.Tanh(), torch.nn.Linear(width, 1)
     ).double()
-    apply, params = implicitfn.functional_model(net)
-    x = torch.randn(n, 8, dtype=F64)
+    apply, params = implicitfn.functional_model(net.to(device))
+    x = torch.randn(n, 8, dtype=F64).to(device)  # drawn on the CPU: the same problem anywhere
     y = torch.sin(x.sum(1, keepdim=True))
 
     def loss(p, h, x, y):
@@ -95,19 +114,19 @@ def mlp_hessian(width=32, n=256, seed=0):
             (leaf**2).sum() for leaf in p.values(True, True)
         )
 
-    decay = torch.tensor(1e-4, dtype=F64)
+    decay = torch.tensor(1e-4, dtype=F64, device=device)
     optimiser_params = params.clone()
     for _ in range(500):
         grads = torch.func.grad(loss)(optimiser_params, decay, x, y)
         optimiser_params = optimiser_params - 0.1 * grads
     operator = implicitfn.Hessian().linearize(loss, optimiser_params, decay, x, y)
-    return operator, grads.apply(lambda g: torch.randn_like(g))
+    return operator, grads.apply(lambda g: torch.randn(g.shape, dtype=g.dtype).to(g.device))
 
 
 # --- measurements ----------------------------------------------------------------------------
 
 
-def preconditioning() -> None:
+def preconditioning(device: str) -> None:
     print("## CG preconditioning: products to rtol=1e-8 (probes included)")
     root = torch.logspace(0, 2, 200, dtype=F64)
     problems = {
@@ -117,8 +136,9 @@ def preconditioning() -> None:
         * root[None, :],
     }
     for name, matrix in problems.items():
+        matrix = matrix.to(device)
         operator = matrix_operator(matrix)
-        rhs = torch.randn(200, dtype=F64, generator=torch.Generator().manual_seed(1))
+        rhs = torch.randn(200, dtype=F64, generator=torch.Generator().manual_seed(1)).to(device)
         diagonal = torch.diagonal(matrix)
         row = []
         for label, solver in (
@@ -144,7 +164,7 @@ def preconditioning() -> None:
                 f"{label}: {int(info.num_steps)}{'' if bool(info.successful) else ' (not successful)'}"
             )
         print(f"- {name}: " + "; ".join(row))
-    operator, rhs = logistic_hessian()
+    operator, rhs = logistic_hessian(device)
     row = []
     for label, solver in (
         ("none", implicitfn.CG(max_steps=2000, rtol=1e-8)),
@@ -157,7 +177,7 @@ def preconditioning() -> None:
     print("- logistic regression Hessian, 31 params, feature scales 0.1..10: " + "; ".join(row))
 
 
-def warm_start(outer_steps: int) -> None:
+def warm_start(outer_steps: int, device: str) -> None:
     print(
         f"\n## Warm start: backward-solve products over {outer_steps} outer steps "
         "(the first excluded)"
@@ -169,6 +189,7 @@ def warm_start(outer_steps: int) -> None:
         torch.randn(80, d, generator=gen, dtype=F64),
         torch.randn(80, generator=gen, dtype=F64),
     )
+    x, y, x_val, y_val = (t.to(device) for t in (x, y, x_val, y_val))
 
     def ridge_loss(params, hparams, x, y):
         return (
@@ -189,10 +210,10 @@ def warm_start(outer_steps: int) -> None:
             matrix = x.T @ x + torch.diag(hparams["log_penalty"].exp())
             return {"w": torch.linalg.solve(matrix, x.T @ y)}
 
-        log_penalty = torch.zeros(d, dtype=F64)
+        log_penalty = torch.zeros(d, dtype=F64, device=device)
         for _ in range(outer_steps):
             leaf = log_penalty.clone().requires_grad_()
-            w = inner({"w": torch.zeros(d, dtype=F64)}, {"log_penalty": leaf}, x, y)
+            w = inner({"w": torch.zeros(d, dtype=F64, device=device)}, {"log_penalty": leaf}, x, y)
             (0.5 * ((x_val @ w["w"] - y_val) ** 2).mean()).backward()
             log_penalty = log_penalty - learning_rate * leaf.grad
         return [int(info.num_steps) for info in infos], log_penalty
@@ -218,15 +239,15 @@ def warm_start(outer_steps: int) -> None:
             )
 
 
-def automatic_step() -> None:
+def automatic_step(device: str) -> None:
     print("\n## Automatic alpha (lambda_max from 10 power-iteration products), 100 Neumann terms")
     gen = torch.Generator().manual_seed(3)
-    x = torch.randn(80, 40, generator=gen, dtype=F64)
+    x = torch.randn(80, 40, generator=gen, dtype=F64).to(device)
     problems = {
-        "logistic Hessian": logistic_hessian(scaled=False),
+        "logistic Hessian": logistic_hessian(device, scaled=False),
         "ridge Hessian X^T X + I (80x40)": (
-            matrix_operator(x.T @ x + torch.eye(40, dtype=F64)),
-            torch.ones(40, dtype=F64),
+            matrix_operator(x.T @ x + torch.eye(40, dtype=F64, device=device)),
+            torch.ones(40, dtype=F64, device=device),
         ),
     }
     for name, (operator, rhs) in problems.items():
@@ -242,11 +263,11 @@ def automatic_step() -> None:
         print(f"- {name} (lambda_max={lam_max:.3g}): " + "; ".join(cells))
 
 
-def equal_cost(budgets: tuple[int, ...]) -> None:
+def equal_cost(budgets: tuple[int, ...], device: str) -> None:
     print("\n## Accuracy at equal products: relative error of the adjoint against Dense")
-    hessian, rhs = mlp_hessian()
+    hessian, rhs = mlp_hessian(device)
     problems = {
-        "logistic (31 params, scaled features)": logistic_hessian(),
+        "logistic (31 params, scaled features)": logistic_hessian(device),
         "MLP 8-32-1 Hessian + 0.1 I (321 params, SPD)": (implicitfn.damp(hessian, 0.1), rhs),
         "MLP 8-32-1 Hessian + 0.04 I (4 negative eigenvalues)": (
             implicitfn.damp(hessian, 0.04),
@@ -280,34 +301,41 @@ def equal_cost(budgets: tuple[int, ...]) -> None:
     print("  (* = the solve reported a failed outcome)")
 
 
-def nystrom_wall_clock(rhs_count: int) -> None:
+def nystrom_wall_clock(rhs_count: int, device: str) -> None:
     print(f"\n## Nystrom vs CG under vmap over {rhs_count} right-hand sides (MLP Hessian, seconds)")
-    hessian, rhs = mlp_hessian(width=64)
+    hessian, rhs = mlp_hessian(device, width=64)
     operator = implicitfn.damp(hessian, 0.1)
     flat, unravel = implicitfn.tree_ravel(rhs)
-    batch = torch.randn(rhs_count, flat.numel(), dtype=F64)
+    batch = torch.randn(rhs_count, flat.numel(), dtype=F64).to(device)
     for label, solver in (
         ("CG max_steps=20", implicitfn.CG(max_steps=20, rtol=0)),
         ("Nystrom rank=20", implicitfn.Nystrom(rank=20, damping=1e-2)),
     ):
+        synchronize()
         start = time.perf_counter()
         torch.func.vmap(
             lambda b, s=solver: implicitfn.tree_ravel(s.solve(operator, unravel(b))[0])[0]
         )(batch)
+        synchronize()
         print(f"- {label}: {time.perf_counter() - start:.3f} s")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--fast", action="store_true", help="fewer outer steps and budgets")
+    parser.add_argument(
+        "--device", default="cpu", help="cpu (default) or cuda[:index]; float64 either way"
+    )
     args = parser.parse_args()
+    device = check_device(parser, args.device)
     torch.set_num_threads(1)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread, float64\n")
-    preconditioning()
-    warm_start(outer_steps=5 if args.fast else 20)
-    automatic_step()
-    equal_cost((10,) if args.fast else (10, 20, 40))
-    nystrom_wall_clock(4 if args.fast else 16)
+    where = "" if device == "cpu" else f", on {device}"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread, float64{where}\n")
+    preconditioning(device)
+    warm_start(5 if args.fast else 20, device)
+    automatic_step(device)
+    equal_cost((10,) if args.fast else (10, 20, 40), device)
+    nystrom_wall_clock(4 if args.fast else 16, device)
 
 
 if __name__ == "__main__":

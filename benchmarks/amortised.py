@@ -11,6 +11,9 @@ solving the backward system, side by side in one process, and counts what each c
 - `nystrom`: CG preconditioned by a randomized Nyström sketch built once and rebuilt only when
   the solves grow (`ImplicitAdjoint(preconditioner=NystromPreconditioner(rank))`);
 - `nystrom-warm`: both;
+- `nystrom-penalty-warm`: `nystrom-warm` whose sketch is taken after scaling the system by the
+  diagonal of the penalty's Hessian (`NystromPreconditioner(rank, scaling="penalty")`): the
+  regime where per-weight decays have spread over orders of magnitude (`--spread`);
 - `cg-warm-schedule`: inexact on purpose, `cg-warm` with a tolerance falling geometrically from
   30x `--rtol` to `--rtol` over the first half of the run (`hyperopt.GeometricTolerance`, as
   `HyperOptimizer(tolerance_schedule=...)` does); its early cosines are below 0.99 by design,
@@ -72,7 +75,14 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent))  # run as a script: the h
 from _harness import check_device, machine, synchronize  # noqa: E402
 
 DTYPE = torch.float64
-METHODS = ("cg-zero", "cg-warm", "nystrom", "nystrom-warm", "cg-warm-schedule")
+METHODS = (
+    "cg-zero",
+    "cg-warm",
+    "nystrom",
+    "nystrom-warm",
+    "nystrom-penalty-warm",
+    "cg-warm-schedule",
+)
 
 
 @dataclasses.dataclass
@@ -189,8 +199,12 @@ def deconvolution_problem(fast: bool, device: str) -> Problem:
     held_out = torch.rand(size, generator=generator) < 0.5  # outer loss on half the samples
     truth, observed, held_out = truth.to(device), observed.to(device), held_out.to(device)
 
-    def inner(w, h):
-        return 0.5 * ((blur(w) - observed) ** 2).sum() + 0.5 * (h.exp() * w**2).sum()
+    # Stated as a composite loss so that the penalty (the decays) can scale the preconditioner.
+    inner = implicitfn.CompositeLoss(
+        predict=lambda w, h: blur(w),
+        output_loss=lambda out, h: 0.5 * ((out - observed) ** 2).sum(),
+        penalty=lambda w, h: 0.5 * (h.exp() * w**2).sum(),
+    )
 
     def outer(w, h):
         return ((w - truth)[held_out] ** 2).mean()
@@ -217,10 +231,22 @@ def deconvolution_problem(fast: bool, device: str) -> Problem:
     )
 
 
+def spread_decays(hparams: Any, sigma: float) -> Any:
+    """Log-decays plus `sigma` times seeded standard normal noise: decays that have moved apart
+    by orders of magnitude, as after many hyper-steps of a per-weight tuning run."""
+    generator = torch.Generator().manual_seed(1)
+
+    def spread(t: torch.Tensor) -> torch.Tensor:
+        return t + sigma * torch.randn(t.shape, generator=generator).to(t)
+
+    return hparams.apply(spread) if isinstance(hparams, TensorDict) else spread(hparams)
+
+
 def adjoint_for(method: str, problem: Problem) -> implicitfn.ImplicitAdjoint:
-    preconditioner = (
-        implicitfn.NystromPreconditioner(rank=problem.rank) if "nystrom" in method else None
-    )
+    preconditioner = None
+    if "nystrom" in method:
+        scaling = "penalty" if "penalty" in method else None
+        preconditioner = implicitfn.NystromPreconditioner(rank=problem.rank, scaling=scaling)
     return implicitfn.ImplicitAdjoint(
         solver=implicitfn.CG(max_steps=5000, rtol=problem.rtol),
         curvature=problem.curvature,
@@ -336,6 +362,13 @@ def main() -> None:
     parser.add_argument("--check-every", type=int, default=1, help="reference every k steps")
     parser.add_argument("--rtol", type=float, default=None, help="override every problem's rtol")
     parser.add_argument("--rank", type=int, default=None, help="override the Nystrom rank")
+    parser.add_argument(
+        "--spread",
+        type=float,
+        default=0.0,
+        help="start from log-decays spread by this standard deviation (seeded), as after many "
+        "hyper-steps (default 0: all equal)",
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:index]")
     parser.add_argument("--json", type=pathlib.Path, default=None, help="write the rows here")
@@ -358,6 +391,8 @@ def main() -> None:
             problem.rtol = args.rtol
         if args.rank is not None:
             problem.rank = args.rank
+        if args.spread:
+            problem.hparams = spread_decays(problem.hparams, args.spread)
         methods = args.methods.split(",")
         rows += run(problem, methods, outer_steps, args.check_every, not args.no_progress)
         report(rows, name)
@@ -380,12 +415,12 @@ def report(rows: list[dict], name: str) -> None:
         f"{mine[0]['outer_steps']} outer steps)"
     )
     print(
-        f"{'method':<18}{'HVPs':>9}{'fewer':>8}{'wall s':>9}{'faster':>8}"
+        f"{'method':<22}{'HVPs':>9}{'fewer':>8}{'wall s':>9}{'faster':>8}"
         f"{'total s':>9}{'val loss':>11}{'vs zero':>9}{'min cos':>9}"
     )
     for r in mine:
         print(
-            f"{r['method']:<18}{r['total_hvps']:>9}{base['total_hvps'] / r['total_hvps']:>7.2f}x"
+            f"{r['method']:<22}{r['total_hvps']:>9}{base['total_hvps'] / r['total_hvps']:>7.2f}x"
             f"{r['wall_s']:>9.2f}{base['wall_s'] / r['wall_s']:>7.2f}x{r['total_s']:>9.1f}"
             f"{r['final_val_loss']:>11.5f}{r['final_val_loss'] / base['final_val_loss'] - 1:>+9.2%}"
             f"{r['min_cos']:>9.4f}"

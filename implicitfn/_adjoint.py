@@ -39,6 +39,7 @@ from implicitfn._passes import (
     fused_reverse,
     given_cotangent,
     implicit_forward,
+    penalty_of,
     unbatched,
 )
 from implicitfn._solution import (
@@ -315,6 +316,14 @@ class ImplicitAdjoint(AbstractAdjoint):
                 "solver=implicitfn.CG(...) if it is positive definite at your solutions, or use "
                 "curvature=implicitfn.GaussNewton()."
             )
+        if self.preconditioner is not None and self.preconditioner.scaling == "penalty":
+            if penalty_of(condition) is None:
+                raise ValueError(
+                    "preconditioner: scaling='penalty' needs the training loss as "
+                    "stationarity(implicitfn.CompositeLoss(predict=..., output_loss=..., "
+                    f"penalty=...)) with a penalty, got {type(condition).__name__}; state the "
+                    "penalty (e.g. the weight decay) that way, or use scaling=None."
+                )
 
     def prepare(self) -> None:
         """Raise before any computing when the process group cannot be used."""

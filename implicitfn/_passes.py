@@ -15,7 +15,7 @@ from typing import Any, Protocol
 import torch
 import torch.utils._pytree as pytree
 
-from implicitfn._curvature import AbstractCurvature
+from implicitfn._curvature import AbstractCurvature, CompositeLoss, Hessian
 from implicitfn._distributed import DataParallel
 from implicitfn._inputs import check_finite
 from implicitfn._linear_solve import AbstractLinearSolver
@@ -30,6 +30,7 @@ from implicitfn._operator import (
 )
 from implicitfn._optimality import (
     AbstractOptimalityCondition,
+    Stationarity,
     linearize_reverse,
     mixed_product,
     on_leaves,
@@ -164,7 +165,43 @@ class Linearised:
         return tree_norm(tree_sub(self.operator.transpose().mv(solution), self.rhs))
 
 
-Preconditioning = Callable[[AbstractLinearOperator], tuple[Callable[[Tree], Tree], int]]
+Preconditioning = Callable[
+    [AbstractLinearOperator, Callable[[Tree], Tree] | None], tuple[Callable[[Tree], Tree], int]
+]
+
+
+def penalty_of(condition: AbstractOptimalityCondition) -> Callable[..., torch.Tensor] | None:
+    """The penalty of `stationarity(CompositeLoss(..., penalty=...))`, else None."""
+    loss = condition.loss if type(condition) is Stationarity else None
+    return loss.penalty if isinstance(loss, CompositeLoss) else None
+
+
+def penalty_hessian(
+    condition: AbstractOptimalityCondition,
+    solution: Tree,
+    hparams: Tree,
+    args: Sequence[Any],
+    layout: Tree,
+) -> Callable[[Tree], Tree] | None:
+    r"""$v \mapsto \nabla^2_w \mathrm{penalty}(w^*, \lambda)\,v$ in the solver's layout (that of
+    `layout`: raveled, a leaf list or the tree itself), or None without a penalty."""
+    penalty = penalty_of(condition)
+    if penalty is None:
+        return None
+    raveled = isinstance(layout, torch.Tensor) and not isinstance(solution, torch.Tensor)
+    spec = pytree.tree_structure(solution)
+    unravel = tree_ravel(solution)[1] if raveled else None
+
+    def product(v: Tree) -> Tree:
+        tree = unravel(v) if unravel is not None else v
+        if isinstance(v, list):
+            tree = pytree.tree_unflatten(v, spec)
+        result = Hessian().linearize(penalty, solution, hparams, *args).mv(tree)
+        if raveled:
+            return tree_ravel(result)[0]
+        return leaves(result) if isinstance(v, list) else result
+
+    return product
 
 
 def solve_with(
@@ -175,11 +212,13 @@ def solve_with(
     precondition: Preconditioning | None,
     *,
     transpose: bool = False,
+    penalty: Callable[[Tree], Tree] | None = None,
 ) -> tuple[Tree, SolveInfo]:
     """`solver.solve`, from `initial` when it fits, with the adjoint's kept preconditioner (its
-    build's products counted in `num_steps`) unless the right-hand side is vmapped."""
+    build's products counted in `num_steps`; `penalty`: the penalty's Hessian product, for a
+    scaled one) unless the right-hand side is vmapped."""
     if precondition is not None and unbatched(rhs):
-        apply, setup = precondition(operator)
+        apply, setup = precondition(operator, penalty)
         solver = dataclasses.replace(solver, preconditioner=apply)
         solved, info = solver.solve(operator, rhs, usable(initial, rhs), transpose=transpose)
         return solved, dataclasses.replace(info, num_steps=info.num_steps + setup)
@@ -207,8 +246,17 @@ def implicit_reverse(
     """
     problem = Linearised.at(adjoint, condition, solution, hparams, args, cotangent, selected)
     solver = adjoint.solver_for(condition)
+    penalty = None
+    if precondition is not None:
+        penalty = penalty_hessian(condition, solution, hparams, args, problem.rhs)
     solved, info = solve_with(
-        solver, problem.operator, problem.rhs, initial, precondition, transpose=True
+        solver,
+        problem.operator,
+        problem.rhs,
+        initial,
+        precondition,
+        transpose=True,
+        penalty=penalty,
     )
     products = problem.cross(tree_map(torch.neg, solved))
     if adjoint.reduction is None and adjoint.inner_rtol is not None:  # else not measured
@@ -287,4 +335,8 @@ def implicit_forward(
         return damp(operator, adjoint.damping)
 
     operator = ResamplingOperator(linearize(*args), linearize)
-    return solve_with(adjoint.solver_for(condition), operator, rhs, initial, precondition)
+    penalty = None
+    if precondition is not None:
+        penalty = penalty_hessian(condition, solution, hparams, args, rhs)
+    solver = adjoint.solver_for(condition)
+    return solve_with(solver, operator, rhs, initial, precondition, penalty=penalty)

@@ -56,6 +56,11 @@ ARGS.add_argument(
 )
 ARGS.add_argument("--reuse-cache", action="store_true", help="keep inductor's on-disk cache")
 ARGS.add_argument(
+    "--compile-times",
+    action="store_true",
+    help="print where the compile time went (torch._dynamo's per-phase totals) at the end",
+)
+ARGS.add_argument(
     "--modes",
     type=lambda text: text.split(","),
     default=None,
@@ -429,6 +434,11 @@ def main() -> None:
         rows.extend(measure(case, args))
         print(f"  measured {case.name}", file=sys.stderr, flush=True)
     print_table(rows)
+    if args.compile_times:
+        # Summed over every compiled graph of the run: tracing (dynamo), the backend (AOT
+        # autograd + inductor; on a warm cache mostly loading the cached kernels, and inductor
+        # probing the CPU's vector instruction sets once per process).
+        print("\n" + torch._dynamo.utils.compile_times(repr="str", aggregate=True))
 
 
 if __name__ == "__main__":

@@ -356,7 +356,8 @@ def hypergradient(
     check_args_finite(inner_args)
     adjoint.prepare()
     flat, spec = pytree.tree_flatten((hparams, inner_args))
-    selected = [i < len(leaves(hparams)) for i in range(len(flat))]
+    num_hparams = len(leaves(hparams))
+    selected = [i < num_hparams for i in range(len(flat))]
     direct_h, products, info = adjoint.reverse_from(
         condition, params, hparams, inner_args, OuterGradient(outer_loss), outer_args, selected
     )

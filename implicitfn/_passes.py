@@ -184,22 +184,17 @@ def penalty_hessian(
     layout: Tree,
 ) -> Callable[[Tree], Tree] | None:
     r"""$v \mapsto \nabla^2_w \mathrm{penalty}(w^*, \lambda)\,v$ in the solver's layout (that of
-    `layout`: raveled, a leaf list or the tree itself), or None without a penalty."""
+    `layout`: raveled or the tree itself; a kept preconditioner needs one dtype and device, so
+    never a leaf list), or None without a penalty. Linearised only when called: at a build."""
     penalty = penalty_of(condition)
     if penalty is None:
         return None
     raveled = isinstance(layout, torch.Tensor) and not isinstance(solution, torch.Tensor)
-    spec = pytree.tree_structure(solution)
-    unravel = tree_ravel(solution)[1] if raveled else None
 
     def product(v: Tree) -> Tree:
-        tree = unravel(v) if unravel is not None else v
-        if isinstance(v, list):
-            tree = pytree.tree_unflatten(v, spec)
+        tree = tree_ravel(solution)[1](v) if raveled else v
         result = Hessian().linearize(penalty, solution, hparams, *args).mv(tree)
-        if raveled:
-            return tree_ravel(result)[0]
-        return leaves(result) if isinstance(v, list) else result
+        return tree_ravel(result)[0] if raveled else result
 
     return product
 

@@ -185,7 +185,8 @@ def penalty_hessian(
 ) -> Callable[[Tree], Tree] | None:
     r"""$v \mapsto \nabla^2_w \mathrm{penalty}(w^*, \lambda)\,v$ in the solver's layout (that of
     `layout`: raveled or the tree itself; a kept preconditioner needs one dtype and device, so
-    never a leaf list), or None without a penalty. Linearised only when called: at a build."""
+    never a leaf list), or None without a penalty. Nothing is computed until a build of a kept
+    preconditioner calls it."""
     penalty = penalty_of(condition)
     if penalty is None:
         return None
@@ -241,9 +242,7 @@ def implicit_reverse(
     """
     problem = Linearised.at(adjoint, condition, solution, hparams, args, cotangent, selected)
     solver = adjoint.solver_for(condition)
-    penalty = None
-    if precondition is not None:
-        penalty = penalty_hessian(condition, solution, hparams, args, problem.rhs)
+    penalty = penalty_hessian(condition, solution, hparams, args, problem.rhs)
     solved, info = solve_with(
         solver,
         problem.operator,
@@ -330,8 +329,6 @@ def implicit_forward(
         return damp(operator, adjoint.damping)
 
     operator = ResamplingOperator(linearize(*args), linearize)
-    penalty = None
-    if precondition is not None:
-        penalty = penalty_hessian(condition, solution, hparams, args, rhs)
+    penalty = penalty_hessian(condition, solution, hparams, args, rhs)
     solver = adjoint.solver_for(condition)
     return solve_with(solver, operator, rhs, initial, precondition, penalty=penalty)

@@ -204,17 +204,18 @@ class NystromPreconditioner:
     undo a spread-out diagonal. `scaling="penalty"` scales it away first: with $D$ the diagonal
     of the penalty's Hessian and $S = D^{-1/2}$, it sketches $SAS$ and preconditions with
     $S P^{-1} S$. With a penalty $\tfrac12\sum_i e^{h_i} w_i^2$, $SAS = I + S A_{\text{data}} S$,
-    and the sketch removes the top of the second term: this pays where the data's curvature has
-    a low effective rank (networks, few examples per weight), and loses where it is full rank
-    and some decays are tiny (a deblurring problem, same benchmark: 4.5x more products than CG
-    from zero): try it on a few steps first. Measured along 30 outer steps of tuning the 9,610 decays of a 64-128-10 MLP whose
-    log-decays start spread by one standard deviation of 2 (`benchmarks/amortised.py
-    --spread 2`): 56,615 products with CG from zero, 16,156 with a warm-started rank-50 sketch,
-    1,662 with `scaling="penalty"` as well. With equal decays $S$ is a multiple of $I$ and CG
-    takes the same steps as without it. $D$ is $z \odot \nabla^2_w\mathrm{penalty}\,z$ for one
-    Rademacher probe $z$: exact for a penalty that acts on each weight separately (weight decay
-    in any form), an estimate for others; it costs one product of the penalty alone. Weights
-    the penalty does not touch take $|z \odot Az|$ instead, one product of $A$ (counted).
+    and the sketch removes the top of the second term. This pays where the data's curvature
+    has a low effective rank (networks, few examples per weight) and loses where it is full
+    rank and some decays are tiny: try it on a few steps first. Measured along 30 outer steps
+    (`benchmarks/amortised.py --spread 2`, log-decays starting spread by a standard deviation
+    of 2): tuning the 9,610 decays of a 64-128-10 MLP took 56,615 products with CG from zero,
+    16,156 with a warm-started rank-50 sketch, 1,662 with `scaling="penalty"` as well; a
+    deblurring problem (full-rank data curvature) took 4.5x more products with it than CG from
+    zero. With equal decays $S$ is a multiple of $I$ and CG takes the same steps as without it.
+    $D$ is $z \odot \nabla^2_w\mathrm{penalty}\,z$ for one Rademacher probe $z$: exact for a
+    penalty that acts on each weight separately (weight decay in any form), an estimate for
+    others; it costs one product of the penalty alone. Weights the penalty does not touch take
+    $|z \odot Az|$ instead, one product of $A$ (counted).
 
     **Arguments:**
 

@@ -281,9 +281,8 @@ class NystromPreconditioner:
         products += basis.shape[1]
         kept = eigenvalues > 1e-8 * eigenvalues.max().clamp(min=0)
         basis, eigenvalues = basis[:, kept], eigenvalues[kept]
-        if eigenvalues.numel() == 0:  # nothing positive was sketched: the scaling alone
-            basis, eigenvalues = basis[:, :0], eigenvalues[:0]
-        # P^{-1} = S (I + U diag(shrink) U^T) S, S = diag(scale) or I.
+        # P^{-1} = S (I + U diag(shrink) U^T) S, S = diag(scale) or I; with nothing positive
+        # sketched U has no columns, and the scaling (if any) is all that is left.
         shrink = eigenvalues.min() / eigenvalues - 1.0 if eigenvalues.numel() else eigenvalues
 
         def apply(r: Tree) -> Tree:

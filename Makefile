@@ -59,7 +59,7 @@ examples-fast: venv
 
 # The benchmarks behind docs/performance.md in their quick mode (each well under 30 s), so
 # that they cannot rot; the full runs and their numbers are on that page.
-BENCHMARKS_FAST := peers cost_model scale hessian_modes compiled proximal_support amortised overhead
+BENCHMARKS_FAST := peers cost_model scale hessian_modes compiled proximal_support amortised overhead layerwise
 benchmarks-fast: venv
 	@set -e; for b in $(BENCHMARKS_FAST); do \
 		echo "== benchmarks/$$b.py --fast"; $(PY) benchmarks/$$b.py --fast; \

@@ -20,4 +20,5 @@ $PY benchmarks/proximal_support.py --fast --device "$DEVICE"
 $PY benchmarks/solvers_extra.py --fast --device "$DEVICE"
 $PY benchmarks/imaml_vmap.py --fast --device "$DEVICE" --plot outputs/imaml_vmap-gpu.png
 $PY benchmarks/scale.py --fast --device "$DEVICE"
+$PY benchmarks/layerwise.py --fast --device "$DEVICE"
 $PY -m implicitfn compare --fast --no-progress --device "$DEVICE" --out outputs/compare-gpu

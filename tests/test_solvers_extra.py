@@ -299,6 +299,25 @@ def test_an_indefinite_preconditioner_is_reported_as_a_breakdown():
     assert outcome(info) is Outcome.BREAKDOWN
 
 
+def test_a_preconditioner_returning_another_key_order_or_device_is_told_how_to_build_it():
+    template = TensorDict(w=torch.zeros(3, dtype=F64), b=torch.zeros(2, dtype=F64), device="cpu")
+    matrix = spd_matrix(5, 10.0, 1)
+    operator = matrix_operator(matrix, template, tags=SPD)
+    rhs = template.apply(lambda t: torch.ones_like(t))
+    swapped = implicitfn.CG(preconditioner=lambda r: TensorDict(b=r["b"], w=r["w"], device="cpu"))
+    no_device = implicitfn.CG(preconditioner=lambda r: TensorDict(w=r["w"], b=r["b"]))
+    with pytest.raises(ValueError, match=r"does not match.*in the same order\."):
+        swapped.solve(operator, rhs)
+    with pytest.raises(ValueError, match=r"key order or TensorDict metadata.*r\.apply"):
+        no_device.solve(operator, rhs)
+    rebuilt = implicitfn.CG(
+        rtol=1e-10, preconditioner=lambda r: TensorDict(w=r["w"], b=r["b"], device=r.device)
+    )
+    x, info = rebuilt.solve(operator, rhs)
+    assert bool(info.successful)
+    assert_trees_close(operator.mv(x), rhs, rtol=1e-8, atol=1e-8)
+
+
 # --- vmap ----------------------------------------------------------------------------------
 
 

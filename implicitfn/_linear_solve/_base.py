@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
+import torch.utils._pytree as pytree
 
 from implicitfn._operator import AbstractLinearOperator
 from implicitfn._solution import Outcome, SolveInfo, all_finite, concrete, under_transform
@@ -275,9 +276,15 @@ def check_vector(vector: Tree, template: Tree, name: str) -> None:
             f"{name}: expected a TensorDict, dict of tensors or tensor, got {type(vector).__name__}."
         )
     if not same_structure(vector, template):
+
+        def paths(tree: Tree) -> list[str]:
+            return sorted(pytree.keystr(path) for path, _ in pytree.tree_flatten_with_path(tree)[0])
+
+        reordered = paths(vector) == paths(template)
         raise ValueError(
             f"{name}: structure {describe(vector)} does not match the operator's "
-            f"{describe(template)}; pass a tree with the same keys and shapes as the parameters."
+            f"{describe(template)}; pass a tree with the same keys and shapes as the parameters"
+            + (", in the same order." if reordered else ".")
         )
     bad = [leaf.dtype for leaf in flat if not leaf.is_floating_point()]
     if bad:

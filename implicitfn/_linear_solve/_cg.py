@@ -4,6 +4,7 @@ import dataclasses
 from collections.abc import Callable
 
 import torch
+import torch.utils._pytree as pytree
 
 from implicitfn._linear_solve._base import (
     AbstractLinearSolver,
@@ -122,6 +123,15 @@ class CG(AbstractLinearSolver):
         z = r if precondition is None else precondition(r)
         if callable(self.preconditioner):
             check_vector(z, operator.template, "preconditioner(r)")
+            # Same keys and shapes is not enough for torch.func, which compares whole pytree
+            # specs: a TensorDict built anew may differ from r in key order or its device.
+            if pytree.tree_structure(z) != pytree.tree_structure(r):
+                raise ValueError(
+                    "preconditioner(r): returned the right keys and shapes, but in a tree that "
+                    "differs from r in key order or TensorDict metadata (device, batch size, "
+                    "names); build the result from r, e.g. r.apply(...), or as TensorDict(..., "
+                    "batch_size=r.batch_size, device=r.device) with r's key order."
+                )
         rz = tree_vdot(r, z)
         # Flags, cheaper in the step than an outcome code: the curvature stayed positive, and
         # r^T M^{-1} r stayed >= 0 (else the preconditioner is not positive definite).

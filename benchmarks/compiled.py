@@ -61,6 +61,11 @@ ARGS.add_argument(
     help="print where the compile time went (torch._dynamo's per-phase totals) at the end",
 )
 ARGS.add_argument(
+    "--matmul-share",
+    action="store_true",
+    help="also report how much of a compiled call is spent in matrix products (torch.profiler)",
+)
+ARGS.add_argument(
     "--modes",
     type=lambda text: text.split(","),
     default=None,
@@ -355,8 +360,42 @@ def measure(case: Case, args: argparse.Namespace) -> list[dict[str, Any]]:
             row["compiled/jax"] = H.paired_ratio(rounds[mode], rounds["jax"])
             row["jax_error"] = relative_error(values["jax"], case.reference)
             row["jax_vs_eager"] = difference(values["jax"], values["eager"])
+        if args.matmul_share:
+            row["matmuls"], row["matmul_s"] = matmul_share(contenders[mode])
         rows.append(row)
     return rows
+
+
+def matmul_share(fn: Callable[[], Any], calls: int = 20) -> tuple[float, float]:
+    """`(matrix products per call, their seconds per call)` from torch.profiler: the kernels'
+    own time, which no compiler around them removes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        for _ in range(calls):
+            fn()
+    products = [e for e in profiler.key_averages() if e.key in ("aten::addmm", "aten::mm")]
+    count = sum(e.count for e in products) / calls
+    return count, sum(e.self_cpu_time_total for e in products) * 1e-6 / calls
+
+
+def one_product_times(rows: int = 1000, inner: int = 64, out: int = 10) -> str:
+    """One matrix product of the logistic regression's shapes both ways round, in torch (this
+    thread count) and in jax under `jax.jit`: microseconds per call."""
+    x, w = torch.randn(rows, inner), torch.randn(out, inner)
+    x_t = x.T.contiguous()
+    times = {
+        "torch x @ w.T": H.median_time(lambda: x @ w.T, 2000, warm_up=True),
+        "torch w @ x.T": H.median_time(lambda: w @ x_t, 2000, warm_up=True),
+    }
+    if jax is not None:
+        xj, wj = jnp.asarray(x.numpy()), jnp.asarray(w.numpy())
+        forward = jax.jit(lambda a, b: a @ b.T)
+        times["jax x @ w.T"] = H.median_time(
+            lambda: forward(xj, wj).block_until_ready(), 2000, warm_up=True
+        )
+    shape = f"({rows} x {inner}) by ({inner} x {out})"
+    return f"one product {shape}: " + ", ".join(f"{k} {v * 1e6:.0f} us" for k, v in times.items())
 
 
 def fmt(value: Any, spec: str) -> str:
@@ -402,6 +441,14 @@ def print_table(rows: list[dict[str, Any]]) -> None:
             f"{r['problem']} ({r['mode']}): |grad L_T| at the point {r['gradient_norm']:.1e}; "
             f"relative difference compiled vs eager {r['compiled_vs_eager']:.1e}{peer}"
         )
+    for r in rows:
+        if "matmuls" in r:
+            peer = "" if "jax_s" not in r else f"; jaxopt's whole call: {r['jax_s'] * 1e3:.2f} ms"
+            print(
+                f"{r['problem']} k={r['steps']} ({r['mode']}): {r['matmuls']:.0f} matrix products "
+                f"(addmm/mm) per compiled call take {r['matmul_s'] * 1e3:.2f} ms of its "
+                f"{r['compiled_s'] * 1e3:.2f} ms{peer}"
+            )
     print(
         "\nerror: relative error to the exact dense float64 hypergradient (n/a: too large to "
         "build); break even: outer steps after which compiling has paid for itself "
@@ -434,6 +481,8 @@ def main() -> None:
         rows.extend(measure(case, args))
         print(f"  measured {case.name}", file=sys.stderr, flush=True)
     print_table(rows)
+    if args.matmul_share:
+        print(one_product_times())
     if args.compile_times:
         # Summed over every compiled graph of the run: tracing (dynamo), the backend (AOT
         # autograd + inductor; on a warm cache mostly loading the cached kernels, and inductor

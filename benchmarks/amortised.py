@@ -446,7 +446,8 @@ def plot(rows: list[dict], path: pathlib.Path) -> None:
         axes.axhline(1.0, color="grey", lw=0.8)
         axes.set_title(f"{name} ({mine[0]['hyperparameters']:,} hyperparameters)")
         axes.set_ylabel("saving vs CG from zero (x)")
-        axes.tick_params(axis="x", rotation=30)
+        for label in axes.get_xticklabels():  # long method names: slanted, anchored right
+            label.set(rotation=35, horizontalalignment="right")
         axes.legend()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)

@@ -64,10 +64,17 @@ def tree_where(condition: torch.Tensor, if_true: Tree, if_false: Tree) -> Tree:
     return pytree.tree_map(lambda a, b: torch.where(condition, a, b), if_true, if_false)
 
 
+def key_paths(tree: Tree) -> list[str]:
+    """The path of every leaf, as `pytree.keystr` writes it (`['layer']['weight']`), in order."""
+    return [pytree.keystr(path) for path, _ in pytree.tree_flatten_with_path(tree)[0]]
+
+
 def describe(tree: Tree) -> str:
     """A short human-readable description of a tree's structure, for error messages."""
-    flat, spec = pytree.tree_flatten_with_path(tree)
-    parts = [f"{pytree.keystr(path) or '<tensor>'}: {tuple(leaf.shape)}" for path, leaf in flat]
+    parts = [
+        f"{path or '<tensor>'}: {tuple(leaf.shape)}"
+        for path, leaf in zip(key_paths(tree), pytree.tree_leaves(tree), strict=True)
+    ]
     return "{" + ", ".join(parts) + "}"
 
 

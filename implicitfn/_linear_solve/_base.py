@@ -8,13 +8,13 @@ from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
-import torch.utils._pytree as pytree
 
 from implicitfn._operator import AbstractLinearOperator
 from implicitfn._solution import Outcome, SolveInfo, all_finite, concrete, under_transform
 from implicitfn._tree import (
     Tree,
     describe,
+    key_paths,
     leaves,
     same_structure,
     tree_norm,
@@ -276,11 +276,7 @@ def check_vector(vector: Tree, template: Tree, name: str) -> None:
             f"{name}: expected a TensorDict, dict of tensors or tensor, got {type(vector).__name__}."
         )
     if not same_structure(vector, template):
-
-        def paths(tree: Tree) -> list[str]:
-            return sorted(pytree.keystr(path) for path, _ in pytree.tree_flatten_with_path(tree)[0])
-
-        reordered = paths(vector) == paths(template)
+        reordered = sorted(key_paths(vector)) == sorted(key_paths(template))
         raise ValueError(
             f"{name}: structure {describe(vector)} does not match the operator's "
             f"{describe(template)}; pass a tree with the same keys and shapes as the parameters"

@@ -124,13 +124,14 @@ class CG(AbstractLinearSolver):
         if callable(self.preconditioner):
             check_vector(z, operator.template, "preconditioner(r)")
             # Same keys and shapes is not enough for torch.func, which compares whole pytree
-            # specs: a TensorDict built anew may differ from r in key order or its device.
+            # specs: a TensorDict built anew may lack r's device, for instance.
             if pytree.tree_structure(z) != pytree.tree_structure(r):
                 raise ValueError(
-                    "preconditioner(r): returned the right keys and shapes, but in a tree that "
-                    "differs from r in key order or TensorDict metadata (device, batch size, "
-                    "names); build the result from r, e.g. r.apply(...), or as TensorDict(..., "
-                    "batch_size=r.batch_size, device=r.device) with r's key order."
+                    "preconditioner(r): returned the right keys and shapes, but not in a tree "
+                    "built like r (another container type, or a TensorDict with another "
+                    "device, batch size or names); build the result from r, e.g. "
+                    "r.apply(...), or as TensorDict(..., batch_size=r.batch_size, "
+                    "device=r.device)."
                 )
         rz = tree_vdot(r, z)
         # Flags, cheaper in the step than an outcome code: the curvature stayed positive, and

@@ -191,7 +191,8 @@ def main() -> None:
     args.damping = args.damping or ([100.0] if args.fast else [1.0, 10.0, 100.0])
 
     problem = amortised.classifier_problem("mlp", 128, args.fast, device)
-    x = amortised.digits(*((200, 200) if args.fast else (500, 500)), device)[0]  # its inputs
+    # The problem's training data, drawn again as classifier_problem draws it (same seed).
+    x, labels, _, _ = amortised.digits(*((200, 200) if args.fast else (500, 500)), device)
     params = problem.train(problem.params, problem.hparams)
     decays = [float(problem.hparams[w].exp().mean()) for w, _ in layers_of(params)]
     operator = implicitfn.GaussNewton().linearize(problem.inner, params, problem.hparams)
@@ -204,7 +205,6 @@ def main() -> None:
         f"MLP 64-128-10, {x.shape[0]} examples, 9,610 weights, decays {decays[0]:.0e}; "
         f"reference: {int(info.num_steps)} CG products to relative residual 1e-11"
     )
-    labels = amortised.digits(*((200, 200) if args.fast else (500, 500)), device)[1]
     with torch.no_grad():
         probabilities = problem.inner.predict(params, problem.hparams).softmax(-1)
     agreement = ", ".join(f"{c:.2f}" for c in kfac_agreement(params, x, operator, decays))

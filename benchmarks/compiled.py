@@ -13,6 +13,8 @@ Run: `python benchmarks/compiled.py [--fast] [--threads 1] [--rounds 5] [--skip-
 optional (`pip install -e .[benchmarks]`); without it the jaxopt columns read "n/a" and a note
 says so. By default inductor compiles into a fresh cache directory, so the compile time is the
 cold one a user pays once; `--reuse-cache` (implied by `--fast`) uses the normal cache.
+`--matmul-share` also reports the time of the matrix-product kernels inside a compiled call
+(torch.profiler; CPU kernels), beside jaxopt's whole call.
 
 `--device cuda[:index]` runs the two implicitfn columns on a GPU (the float64 training and the
 dense reference stay on the CPU; errors are computed there). JAX stays on the CPU whatever the
@@ -63,7 +65,8 @@ ARGS.add_argument(
 ARGS.add_argument(
     "--matmul-share",
     action="store_true",
-    help="also report how much of a compiled call is spent in matrix products (torch.profiler)",
+    help="also report how much of a compiled call is spent in matrix-product kernels "
+    "(torch.profiler, CPU kernels only)",
 )
 ARGS.add_argument(
     "--modes",
@@ -380,8 +383,8 @@ def matmul_share(fn: Callable[[], Any], calls: int = 20) -> tuple[float, float]:
 
 
 def one_product_times(rows: int = 1000, inner: int = 64, out: int = 10) -> str:
-    """One matrix product of the logistic regression's shapes both ways round, in torch (this
-    thread count) and in jax under `jax.jit`: microseconds per call."""
+    """One matrix product of the logistic regression's shapes, in torch both ways round (this
+    thread count) and in jax under `jax.jit` as `x @ w.T`: microseconds per call."""
     x, w = torch.randn(rows, inner), torch.randn(out, inner)
     x_t = x.T.contiguous()
     times = {

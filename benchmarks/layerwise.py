@@ -141,24 +141,15 @@ def kfac_agreement(
 
 
 def exact_blocks(operator: Any, params: TensorDict, chunk: int = 128) -> Preconditioner:
-    """The Cholesky factors of the Gauss-Newton matrix's diagonal blocks, one per layer."""
+    """The Cholesky factors of the Gauss-Newton matrix's diagonal blocks, one per layer (from
+    the whole matrix: one product per parameter)."""
+    matrix = operator.as_matrix(chunk_size=chunk)
     flat, unravel = implicitfn.tree_ravel(params)
-    size = flat.numel()
-
-    def matvec(vector: torch.Tensor) -> torch.Tensor:
-        return implicitfn.tree_ravel(operator.mv(unravel(vector)))[0]
-
-    positions = unravel(torch.arange(size, dtype=flat.dtype, device=flat.device))
+    positions = unravel(torch.arange(flat.numel(), dtype=flat.dtype, device=flat.device))
     factors = []
     for keys in layers_of(params):
         index = torch.cat([positions[k].reshape(-1) for k in keys]).long()
-        columns = []
-        for start in range(0, index.numel(), chunk):
-            rows = index[start : start + chunk]
-            units = torch.zeros(rows.numel(), size, dtype=flat.dtype, device=flat.device)
-            units[torch.arange(rows.numel()), rows] = 1.0
-            columns.append(torch.func.vmap(matvec)(units)[:, index])
-        block = torch.cat(columns)
+        block = matrix[index][:, index]
         factors.append((index, torch.linalg.cholesky(0.5 * (block + block.T))))
 
     def apply(residual: TensorDict) -> TensorDict:

@@ -70,14 +70,10 @@ def _explain_tree(flat, tree: Any, name: str, allow_empty: bool, allow_none: boo
 
 def check_finite(tree: Any, name: str, advice: str) -> None:
     """Raise, naming each leaf with NaN or Inf, when a floating tensor of `tree` has any."""
-    leaves = [leaf for leaf in pytree.tree_leaves(tree) if _floating(leaf)]
-    if all_finite(leaves):  # one read for the whole tree; names are looked up only on failure
+    flat = pytree.tree_leaves(tree)
+    if all_finite([leaf for leaf in flat if _floating(leaf)]):  # one read for the whole tree
         return
-    bad = [
-        i
-        for i, leaf in enumerate(pytree.tree_leaves(tree))
-        if _floating(leaf) and not all_finite(leaf)
-    ]
+    bad = [i for i, leaf in enumerate(flat) if _floating(leaf) and not all_finite(leaf)]
     if bad:
         names = [leaf_name for leaf_name, _ in named_leaves(tree, name)]
         raise ValueError(f"{', '.join(names[i] for i in bad)}: contains NaN or Inf; {advice}")
